@@ -1,0 +1,97 @@
+//! CPU kernels: run-time SIMD dispatch, strided walks, element-wise maps, reductions, GEMM.
+//!
+//! Hot loops are plain loops over contiguous slices. They are compiled several times, inside
+//! `#[target_feature]` wrappers (AVX-512, AVX2+FMA) chosen once at run time, so that LLVM
+//! vectorises them for the machine without `-C target-cpu=native`.
+
+pub mod elementwise;
+pub mod gemm;
+pub mod reduce;
+pub mod strided;
+pub mod vmath;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The widest SIMD instruction set the kernels use on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// No x86 SIMD beyond the baseline (or not x86).
+    Plain,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512 (F, VL, BW, DQ) with FMA.
+    Avx512,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+/// The SIMD level detected at run time (cached). `NERVE_SIMD=plain|avx2` caps it.
+pub fn simd_level() -> SimdLevel {
+    match LEVEL.load(Ordering::Relaxed) {
+        1 => SimdLevel::Plain,
+        2 => SimdLevel::Avx2,
+        3 => SimdLevel::Avx512,
+        _ => {
+            let l = detect();
+            LEVEL.store(
+                match l {
+                    SimdLevel::Plain => 1,
+                    SimdLevel::Avx2 => 2,
+                    SimdLevel::Avx512 => 3,
+                },
+                Ordering::Relaxed,
+            );
+            l
+        }
+    }
+}
+
+fn detect() -> SimdLevel {
+    let cap = std::env::var("NERVE_SIMD").unwrap_or_default();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq");
+        if avx512 && cap != "avx2" && cap != "plain" {
+            return SimdLevel::Avx512;
+        }
+        if avx2 && cap != "plain" {
+            return SimdLevel::Avx2;
+        }
+    }
+    let _ = cap;
+    SimdLevel::Plain
+}
+
+/// Run `f` compiled for the best SIMD level of this machine. `f` and everything it calls
+/// that is `#[inline(always)]` is vectorised for that level.
+#[inline(always)]
+pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match simd_level() {
+            // SAFETY: the level was detected at run time, so the CPU has these features.
+            SimdLevel::Avx512 => return unsafe { run_avx512(f) },
+            // SAFETY: as above.
+            SimdLevel::Avx2 => return unsafe { run_avx2(f) },
+            SimdLevel::Plain => {}
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}

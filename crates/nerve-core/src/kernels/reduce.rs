@@ -1,0 +1,199 @@
+//! Reductions over contiguous rows and columns, softmax rows.
+
+use rayon::prelude::*;
+
+use super::with_simd;
+use crate::dtype::Float;
+use crate::threading::{install, num_threads, PAR_ELEMWISE_MIN};
+
+const LANES: usize = 16;
+
+/// Sum of a slice with 16 independent accumulators: vectorises, and its error grows far more
+/// slowly than a serial sum's.
+#[inline(always)]
+pub fn sum<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mut s = T::ZERO;
+    for &r in rest {
+        s += r;
+    }
+    // Pairwise fold of the lanes.
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] = acc[i] + acc[i + w];
+        }
+    }
+    acc[0] + s
+}
+
+/// Dot product of two slices (same accumulation scheme as [`sum`]).
+#[inline(always)]
+pub fn dot<T: Float>(x: &[T], y: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    let main = n - n % LANES;
+    for (cx, cy) in x[..main].chunks_exact(LANES).zip(y[..main].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += cx[i] * cy[i];
+        }
+    }
+    let mut s = T::ZERO;
+    for i in main..n {
+        s += x[i] * y[i];
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] = acc[i] + acc[i + w];
+        }
+    }
+    acc[0] + s
+}
+
+/// Largest element (NaN propagates; -inf for an empty slice).
+#[inline(always)]
+pub fn max<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    let mut m = T::NEG_INFINITY;
+    for &r in rest {
+        m = m.max(r);
+    }
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+/// Apply `f` to each of `rows` contiguous rows of length `row_len`, in parallel when large.
+#[inline(always)]
+pub fn rows<T: Sync, U: Send>(
+    src: &[T],
+    rows: usize,
+    row_len: usize,
+    f: impl Fn(&[T]) -> U + Sync,
+) -> Vec<U> {
+    if rows * row_len >= PAR_ELEMWISE_MIN && rows > 1 && num_threads() > 1 {
+        install(|| {
+            (0..rows)
+                .into_par_iter()
+                .with_min_len((PAR_ELEMWISE_MIN / row_len.max(1)).max(1))
+                .map(|r| with_simd(|| f(&src[r * row_len..(r + 1) * row_len])))
+                .collect()
+        })
+    } else {
+        with_simd(|| {
+            (0..rows)
+                .map(|r| f(&src[r * row_len..(r + 1) * row_len]))
+                .collect()
+        })
+    }
+}
+
+/// Transform each contiguous row of `src` into the matching row of `out`, in parallel when
+/// large.
+#[inline(always)]
+pub fn rows_into<T: Sync, U: Send>(
+    src: &[T],
+    out: &mut [U],
+    row_len: usize,
+    f: impl Fn(&[T], &mut [U]) + Sync,
+) {
+    if row_len == 0 {
+        return;
+    }
+    let n = src.len();
+    if n >= PAR_ELEMWISE_MIN && n > row_len && num_threads() > 1 {
+        let rows_per = (PAR_ELEMWISE_MIN / row_len).max(1);
+        install(|| {
+            out.par_chunks_mut(rows_per * row_len)
+                .zip(src.par_chunks(rows_per * row_len))
+                .for_each(|(o, s)| {
+                    with_simd(|| {
+                        for (orow, srow) in o.chunks_mut(row_len).zip(s.chunks(row_len)) {
+                            f(srow, orow)
+                        }
+                    })
+                })
+        });
+    } else {
+        with_simd(|| {
+            for (orow, srow) in out.chunks_mut(row_len).zip(src.chunks(row_len)) {
+                f(srow, orow)
+            }
+        })
+    }
+}
+
+/// Sum over the leading dimension of a contiguous `outer × inner` block: `out[j] = Σ_i x[i, j]`.
+pub fn sum_cols<T: Float>(src: &[T], outer: usize, inner: usize) -> Vec<T> {
+    let work = |cols: std::ops::Range<usize>| -> Vec<T> {
+        with_simd(|| {
+            let mut acc = vec![T::ZERO; cols.len()];
+            for i in 0..outer {
+                let row = &src[i * inner + cols.start..i * inner + cols.end];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+    };
+    if outer * inner >= PAR_ELEMWISE_MIN && inner >= 64 && num_threads() > 1 {
+        let parts = num_threads().min(inner / 32).max(1);
+        let step = inner.div_ceil(parts);
+        install(|| {
+            (0..parts)
+                .into_par_iter()
+                .map(|p| work(p * step..((p + 1) * step).min(inner)))
+                .flatten_iter()
+                .collect()
+        })
+    } else {
+        work(0..inner)
+    }
+}
+
+/// Numerically stable softmax of one row.
+#[inline(always)]
+pub fn softmax_row<T: Float>(x: &[T], out: &mut [T]) {
+    let m = max(x);
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v - m).exp();
+    }
+    let s = sum(out);
+    let inv = T::ONE / s;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// Numerically stable log-softmax of one row.
+#[inline(always)]
+pub fn log_softmax_row<T: Float>(x: &[T], out: &mut [T]) {
+    let m = max(x);
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v - m).exp();
+    }
+    let lse = sum(out).ln() + m;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v - lse;
+    }
+}

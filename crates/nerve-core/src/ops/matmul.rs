@@ -1,0 +1,177 @@
+//! Matrix products: `matmul` with PyTorch's rules (1-D operands, batched, batch dims
+//! broadcast). Transposed and strided views go to the GEMM kernel without a copy.
+
+use rayon::prelude::*;
+
+use super::float_dispatch;
+use crate::dtype::Element;
+use crate::kernels::gemm::{dgemm, sgemm};
+use crate::kernels::strided::Runs;
+use crate::shape::broadcast_shapes;
+use crate::threading::{install, num_threads};
+use crate::{Error, Result, Tensor};
+
+/// A GEMM over one element type.
+trait Gemm: Element {
+    /// # Safety
+    /// See [`sgemm`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        c: *mut Self,
+        rsc: isize,
+        parallel: bool,
+    );
+}
+
+impl Gemm for f32 {
+    unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        c: *mut f32,
+        rsc: isize,
+        parallel: bool,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { sgemm(m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel) }
+    }
+}
+
+impl Gemm for f64 {
+    unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        c: *mut f64,
+        rsc: isize,
+        parallel: bool,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { dgemm(m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel) }
+    }
+}
+
+/// Raw pointers that may cross threads: each task writes a disjoint block of the output.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*const T);
+impl<T> SendPtr<T> {
+    fn get(self) -> *const T {
+        self.0
+    }
+}
+// SAFETY: used only for disjoint writes / shared reads inside one matmul call.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// Products smaller than this (m·n·k) per batch item are run one per thread, batch-parallel.
+const SMALL_GEMM: usize = 96 * 96 * 96;
+
+impl Tensor {
+    /// Matrix product with PyTorch's `matmul` rules.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        const OP: &str = "matmul";
+        self.check_same_dtype(rhs, OP)?;
+        match (self.rank(), rhs.rank()) {
+            (0, _) | (_, 0) => Err(Error::shape_mismatch(OP, self.dims(), rhs.dims())),
+            (1, 1) => self.unsqueeze(0)?.mm_batched(&rhs.unsqueeze(1)?)?.reshape_usize(&[]),
+            (1, _) => self.unsqueeze(0)?.mm_batched(rhs)?.squeeze(-2),
+            (_, 1) => self.mm_batched(&rhs.unsqueeze(1)?)?.squeeze(-1),
+            _ => self.mm_batched(rhs),
+        }
+    }
+
+    fn mm_batched(&self, rhs: &Tensor) -> Result<Tensor> {
+        const OP: &str = "matmul";
+        let (ra, rb) = (self.rank(), rhs.rank());
+        let (m, k) = (self.dims()[ra - 2], self.dims()[ra - 1]);
+        let (k2, n) = (rhs.dims()[rb - 2], rhs.dims()[rb - 1]);
+        if k != k2 {
+            return Err(Error::shape_mismatch(OP, self.dims(), rhs.dims()));
+        }
+        let batch = broadcast_shapes(OP, &self.dims()[..ra - 2], &rhs.dims()[..rb - 2])
+            .map_err(|_| Error::shape_mismatch(OP, self.dims(), rhs.dims()))?;
+        let mut da = batch.clone();
+        da.extend_from_slice(&[m, k]);
+        let mut db = batch.clone();
+        db.extend_from_slice(&[k, n]);
+        let la = self.layout().broadcast_as(OP, &da)?;
+        let lb = rhs.layout().broadcast_as(OP, &db)?;
+        let nb = la.rank() - 2;
+        let (rsa, csa) = (la.strides()[nb] as isize, la.strides()[nb + 1] as isize);
+        let (rsb, csb) = (lb.strides()[nb] as isize, lb.strides()[nb + 1] as isize);
+        let runs = Runs::new(
+            &batch,
+            [
+                (&la.strides()[..nb], la.offset()),
+                (&lb.strides()[..nb], lb.offset()),
+            ],
+        );
+        let count = runs.numel();
+        // Storage offsets of each batch item.
+        let mut offs = Vec::with_capacity(count);
+        let [sa, sb] = runs.inner_strides();
+        runs.for_each(0, count, |_, len, [oa, ob]| {
+            for i in 0..len {
+                offs.push((oa + i * sa, ob + i * sb));
+            }
+        });
+        let mut out_dims = batch.clone();
+        out_dims.extend_from_slice(&[m, n]);
+        let out = float_dispatch!(OP, self.dtype(), T => {
+            let mut c = vec![<T as Element>::ZERO; count * m * n];
+            self.read2::<T, T, _>(rhs, |a, _, b, _| {
+                let (pa, pb, pc) = (SendPtr(a.as_ptr()), SendPtr(b.as_ptr()), SendPtr(c.as_mut_ptr()));
+                let one = |i: usize, parallel: bool| {
+                    let (oa, ob) = offs[i];
+                    // SAFETY: offsets come from the broadcast layouts, which stay inside the
+                    // storages; each batch item writes its own m×n block of `c`.
+                    unsafe {
+                        T::gemm(m, n, k, pa.get().add(oa), rsa, csa, pb.get().add(ob), rsb, csb,
+                            (pc.get() as *mut T).add(i * m * n), n as isize, parallel)
+                    }
+                };
+                if count > 1 && m * n * k < SMALL_GEMM && num_threads() > 1 {
+                    install(|| (0..count).into_par_iter().for_each(|i| one(i, false)));
+                } else {
+                    for i in 0..count {
+                        install(|| one(i, true));
+                    }
+                }
+            });
+            Tensor::from_buf(c, &out_dims)
+        });
+        let (a, b) = (self.detach(), rhs.detach());
+        let (req_a, req_b) = (self.requires_grad(), rhs.requires_grad());
+        Ok(out.with_grad(OP, &[self, rhs], move |g| {
+            let ga = req_a
+                .then(|| g.matmul(&b.transpose_usize(b.rank() - 2, b.rank() - 1))?.sum_to(a.dims()))
+                .transpose()?;
+            let gb = req_b
+                .then(|| a.transpose_usize(a.rank() - 2, a.rank() - 1).matmul(g)?.sum_to(b.dims()))
+                .transpose()?;
+            Ok(vec![ga, gb])
+        }))
+    }
+}

@@ -1,0 +1,69 @@
+//! The thread pool that every parallel kernel runs in, and its size setting.
+//!
+//! The size comes from [`set_num_threads`], else the `NERVE_NUM_THREADS` environment variable,
+//! else the number of cores. Kernels only go parallel above a measured work size, so tiny ops
+//! pay no thread overhead.
+
+use std::sync::{Arc, OnceLock, RwLock};
+
+static POOL: OnceLock<RwLock<Arc<rayon::ThreadPool>>> = OnceLock::new();
+
+fn build(n: usize) -> Arc<rayon::ThreadPool> {
+    Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("nerve-{i}"))
+            .build()
+            .expect("failed to start the nerve thread pool"),
+    )
+}
+
+fn default_threads() -> usize {
+    std::env::var("NERVE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn cell() -> &'static RwLock<Arc<rayon::ThreadPool>> {
+    POOL.get_or_init(|| RwLock::new(build(default_threads())))
+}
+
+/// The pool kernels run in.
+pub fn pool() -> Arc<rayon::ThreadPool> {
+    cell().read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Number of threads kernels use.
+pub fn num_threads() -> usize {
+    pool().current_num_threads()
+}
+
+/// Set the number of threads kernels use (like `torch.set_num_threads`). 0 means all cores.
+pub fn set_num_threads(n: usize) {
+    let n = if n == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        n
+    };
+    *cell().write().unwrap_or_else(|e| e.into_inner()) = build(n);
+}
+
+/// Run `f` inside the pool (a no-op hop when already on one of its threads).
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    pool().install(f)
+}
+
+/// Element counts above which element-wise work is split across threads (measured: below
+/// this, the fork/join costs more than it saves).
+pub const PAR_ELEMWISE_MIN: usize = 1 << 15;
+
+/// Split `n` items into at most `num_threads() * 4` chunks of at least `min_chunk` items.
+pub fn chunk_len(n: usize, min_chunk: usize) -> usize {
+    let parts = (num_threads() * 4).max(1);
+    n.div_ceil(parts).max(min_chunk).max(1)
+}
