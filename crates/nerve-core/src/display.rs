@@ -25,9 +25,17 @@ fn choose_style(dtype: DType, vals: &[f64]) -> Style {
     let finite: Vec<f64> = vals.iter().copied().filter(|v| v.is_finite()).collect();
     if finite.iter().all(|v| v.fract() == 0.0) {
         let max = finite.iter().fold(0f64, |m, v| m.max(v.abs()));
-        return if max >= 1e8 { Style::Sci } else { Style::FloatInt };
+        return if max >= 1e8 {
+            Style::Sci
+        } else {
+            Style::FloatInt
+        };
     }
-    let nz: Vec<f64> = finite.iter().map(|v| v.abs()).filter(|&v| v > 0.0).collect();
+    let nz: Vec<f64> = finite
+        .iter()
+        .map(|v| v.abs())
+        .filter(|&v| v > 0.0)
+        .collect();
     let max = nz.iter().copied().fold(0f64, f64::max);
     let min = nz.iter().copied().fold(f64::INFINITY, f64::min);
     if max >= 1e8 || (min < 1e-4 && min > 0.0) || (min > 0.0 && max / min > 1000.0) {

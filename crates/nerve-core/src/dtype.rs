@@ -104,8 +104,22 @@ macro_rules! element {
 
 element!(f32, F32, 0.0, 1.0, |x: f32| x as f64, |v: f64| v as f32);
 element!(f64, F64, 0.0, 1.0, |x: f64| x, |v: f64| v);
-element!(f16, F16, f16::ZERO, f16::ONE, |x: f16| x.to_f64(), f16::from_f64);
-element!(bf16, BF16, bf16::ZERO, bf16::ONE, |x: bf16| x.to_f64(), bf16::from_f64);
+element!(
+    f16,
+    F16,
+    f16::ZERO,
+    f16::ONE,
+    |x: f16| x.to_f64(),
+    f16::from_f64
+);
+element!(
+    bf16,
+    BF16,
+    bf16::ZERO,
+    bf16::ONE,
+    |x: bf16| x.to_f64(),
+    bf16::from_f64
+);
 element!(i64, I64, 0, 1, |x: i64| x as f64, |v: f64| v as i64);
 
 /// Boolean elements are stored as one byte, 0 or 1.

@@ -36,11 +36,7 @@ impl GradCheck {
     /// Compare the analytic gradient of `sum(f(inputs) * w)` (w random, fixed) with central
     /// differences, input by input, element by element. The error describes the first
     /// element that disagrees.
-    pub fn check(
-        &self,
-        f: impl Fn(&[Tensor]) -> Result<Tensor>,
-        inputs: &[Tensor],
-    ) -> Result<()> {
+    pub fn check(&self, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor]) -> Result<()> {
         let leaves: Vec<Tensor> = inputs
             .iter()
             .map(|x| {

@@ -78,7 +78,10 @@ pub fn normalize_dims(op: &'static str, dims: &[isize], rank: usize) -> Result<V
     for &d in dims {
         let d = normalize_dim(op, d, rank)?;
         if out.contains(&d) {
-            return Err(Error::invalid(op, format!("dimension {d} repeated in {dims:?}")));
+            return Err(Error::invalid(
+                op,
+                format!("dimension {d} repeated in {dims:?}"),
+            ));
         }
         out.push(d);
     }
@@ -91,8 +94,16 @@ pub fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Ve
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        let da = if i + a.len() >= rank {
+            a[i + a.len() - rank]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= rank {
+            b[i + b.len() - rank]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -137,11 +148,19 @@ pub fn infer_reshape(op: &'static str, from: &[usize], to: &[isize]) -> Result<V
     }
     if let Some(i) = unknown {
         if known == 0 || numel % known != 0 {
-            return Err(Error::bad_shape(op, from, format!("cannot reshape to {to:?}")));
+            return Err(Error::bad_shape(
+                op,
+                from,
+                format!("cannot reshape to {to:?}"),
+            ));
         }
         out[i] = numel / known;
     } else if known != numel {
-        return Err(Error::bad_shape(op, from, format!("cannot reshape to {to:?}")));
+        return Err(Error::bad_shape(
+            op,
+            from,
+            format!("cannot reshape to {to:?}"),
+        ));
     }
     Ok(out)
 }

@@ -66,7 +66,9 @@ impl Drop for TensorImpl {
         let Some(node) = self.node.take() else { return };
         let mut stack: Vec<Arc<Node>> = vec![node];
         while let Some(node) = stack.pop() {
-            let Ok(mut node) = Arc::try_unwrap(node) else { continue };
+            let Ok(mut node) = Arc::try_unwrap(node) else {
+                continue;
+            };
             for input in node.inputs.drain(..) {
                 if let Ok(mut inner) = Arc::try_unwrap(input.0) {
                     if let Some(n) = inner.node.take() {
@@ -98,7 +100,11 @@ impl Tensor {
     pub(crate) fn from_storage(data: CpuStorage, shape: &[usize]) -> Tensor {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
         let dtype = data.dtype();
-        Tensor::from_parts(Arc::new(Storage::new(data)), Layout::contiguous(shape), dtype)
+        Tensor::from_parts(
+            Arc::new(Storage::new(data)),
+            Layout::contiguous(shape),
+            dtype,
+        )
     }
 
     /// A new contiguous tensor from a typed buffer (length checked by the caller).

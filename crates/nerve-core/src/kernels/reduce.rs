@@ -42,7 +42,10 @@ pub fn dot<T: Float>(x: &[T], y: &[T]) -> T {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &y[..n]);
     let main = n - n % LANES;
-    for (cx, cy) in x[..main].chunks_exact(LANES).zip(y[..main].chunks_exact(LANES)) {
+    for (cx, cy) in x[..main]
+        .chunks_exact(LANES)
+        .zip(y[..main].chunks_exact(LANES))
+    {
         for i in 0..LANES {
             acc[i] += cx[i] * cy[i];
         }

@@ -324,7 +324,11 @@ impl Tensor {
         let fill = Tensor::full_with((), value, self.dtype());
         let out = mask.where_cond(&fill, self)?;
         if out.dims() != self.dims() {
-            return Err(Error::shape_mismatch("masked_fill", self.dims(), mask.dims()));
+            return Err(Error::shape_mismatch(
+                "masked_fill",
+                self.dims(),
+                mask.dims(),
+            ));
         }
         Ok(out)
     }

@@ -103,7 +103,9 @@ impl Tensor {
         let out = Tensor::from_storage(data, &out_dims);
         let in_dims = self.dims().to_vec();
         Ok(out.with_grad(OP, &[self], move |g| {
-            Ok(vec![Some(Tensor::zeros_with(in_dims.as_slice(), g.dtype()).index_add(d, &idx, g)?)])
+            Ok(vec![Some(
+                Tensor::zeros_with(in_dims.as_slice(), g.dtype()).index_add(d, &idx, g)?,
+            )])
         }))
     }
 
@@ -222,7 +224,11 @@ impl Tensor {
     /// of any shape, giving `indices.shape + [dim]` (like `F.embedding(indices, weight)`).
     pub fn embedding(&self, indices: &Tensor) -> Result<Tensor> {
         if self.rank() != 2 {
-            return Err(Error::bad_shape("embedding", self.dims(), "weight must be 2-D"));
+            return Err(Error::bad_shape(
+                "embedding",
+                self.dims(),
+                "weight must be 2-D",
+            ));
         }
         let flat = indices.reshape_usize(&[indices.numel()])?;
         let rows = self.index_select(0, &flat)?;
@@ -243,4 +249,3 @@ impl Tensor {
         Ok(Tensor::from_buf(v, &dims))
     }
 }
-

@@ -48,7 +48,11 @@ impl Gemm for f32 {
         parallel: bool,
     ) {
         // SAFETY: forwarded contract.
-        unsafe { sgemm(m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel) }
+        unsafe {
+            sgemm(
+                m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel,
+            )
+        }
     }
 }
 
@@ -68,7 +72,11 @@ impl Gemm for f64 {
         parallel: bool,
     ) {
         // SAFETY: forwarded contract.
-        unsafe { dgemm(m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel) }
+        unsafe {
+            dgemm(
+                m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel,
+            )
+        }
     }
 }
 
@@ -95,7 +103,10 @@ impl Tensor {
         self.check_same_dtype(rhs, OP)?;
         match (self.rank(), rhs.rank()) {
             (0, _) | (_, 0) => Err(Error::shape_mismatch(OP, self.dims(), rhs.dims())),
-            (1, 1) => self.unsqueeze(0)?.mm_batched(&rhs.unsqueeze(1)?)?.reshape_usize(&[]),
+            (1, 1) => self
+                .unsqueeze(0)?
+                .mm_batched(&rhs.unsqueeze(1)?)?
+                .reshape_usize(&[]),
             (1, _) => self.unsqueeze(0)?.mm_batched(rhs)?.squeeze(-2),
             (_, 1) => self.mm_batched(&rhs.unsqueeze(1)?)?.squeeze(-1),
             _ => self.mm_batched(rhs),
@@ -166,10 +177,17 @@ impl Tensor {
         let (req_a, req_b) = (self.requires_grad(), rhs.requires_grad());
         Ok(out.with_grad(OP, &[self, rhs], move |g| {
             let ga = req_a
-                .then(|| g.matmul(&b.transpose_usize(b.rank() - 2, b.rank() - 1))?.sum_to(a.dims()))
+                .then(|| {
+                    g.matmul(&b.transpose_usize(b.rank() - 2, b.rank() - 1))?
+                        .sum_to(a.dims())
+                })
                 .transpose()?;
             let gb = req_b
-                .then(|| a.transpose_usize(a.rank() - 2, a.rank() - 1).matmul(g)?.sum_to(b.dims()))
+                .then(|| {
+                    a.transpose_usize(a.rank() - 2, a.rank() - 1)
+                        .matmul(g)?
+                        .sum_to(b.dims())
+                })
                 .transpose()?;
             Ok(vec![ga, gb])
         }))

@@ -24,7 +24,10 @@ impl Tensor {
         let shape = shape.into();
         let mut v = vec![0f64; shape.numel()];
         g.fill_normal(&mut v);
-        Tensor::from_buf(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), shape.dims())
+        Tensor::from_buf(
+            v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(),
+            shape.dims(),
+        )
     }
     /// Uniform samples in [lo, hi), f32, from the global generator.
     pub fn uniform(shape: impl Into<Shape>, lo: f64, hi: f64) -> Tensor {
@@ -55,7 +58,10 @@ impl Tensor {
     pub fn bernoulli(&self) -> Result<Tensor> {
         let p = self.to_f64_vec();
         if p.iter().any(|&p| !(0.0..=1.0).contains(&p)) {
-            return Err(Error::invalid("bernoulli", "probabilities must be in [0, 1]"));
+            return Err(Error::invalid(
+                "bernoulli",
+                "probabilities must be in [0, 1]",
+            ));
         }
         let v: Vec<f64> = with_global(|g| {
             p.iter()
@@ -73,7 +79,10 @@ impl Tensor {
     /// `1/(1-p)`; the identity when not `train`.
     pub fn dropout(&self, p: f64, train: bool) -> Result<Tensor> {
         if !(0.0..=1.0).contains(&p) {
-            return Err(Error::invalid("dropout", format!("probability {p} not in [0, 1]")));
+            return Err(Error::invalid(
+                "dropout",
+                format!("probability {p} not in [0, 1]"),
+            ));
         }
         if !train || p == 0.0 {
             return Ok(self.clone());

@@ -92,9 +92,15 @@ impl Tensor {
                 Tensor::from_buf(v, &r.out_dims)
             }
         });
-        let out = if keepdim { out.reshape_usize(&keep_dims)? } else { out };
+        let out = if keepdim {
+            out.reshape_usize(&keep_dims)?
+        } else {
+            out
+        };
         Ok(out.with_grad(OP, &[self], move |g| {
-            Ok(vec![Some(g.reshape_usize(&keep_dims)?.broadcast_to(&in_dims)?)])
+            Ok(vec![Some(
+                g.reshape_usize(&keep_dims)?.broadcast_to(&in_dims)?,
+            )])
         }))
     }
 
@@ -151,7 +157,11 @@ impl Tensor {
         let op = if is_max { "max" } else { "min" };
         let d = normalize_dim(op, dim, self.rank())?;
         if self.rank() > 0 && self.dims()[d] == 0 {
-            return Err(Error::bad_shape(op, self.dims(), "cannot reduce an empty dimension"));
+            return Err(Error::bad_shape(
+                op,
+                self.dims(),
+                "cannot reduce an empty dimension",
+            ));
         }
         let dims = if self.rank() == 0 { vec![] } else { vec![d] };
         let r = self.as_rows(&dims)?;
@@ -178,7 +188,10 @@ impl Tensor {
             (Tensor::from_buf(v, &r.out_dims), Tensor::from_buf(i, &r.out_dims))
         });
         let (vals, idx) = if keepdim && self.rank() > 0 {
-            (vals.reshape_usize(&r.keep_dims)?, idx.reshape_usize(&r.keep_dims)?)
+            (
+                vals.reshape_usize(&r.keep_dims)?,
+                idx.reshape_usize(&r.keep_dims)?,
+            )
         } else {
             (vals, idx)
         };
@@ -227,7 +240,11 @@ impl Tensor {
         let op = if is_max { "amax" } else { "amin" };
         let ds = self.reduce_dims(op, dims)?;
         if self.numel() == 0 {
-            return Err(Error::bad_shape(op, self.dims(), "cannot reduce an empty tensor"));
+            return Err(Error::bad_shape(
+                op,
+                self.dims(),
+                "cannot reduce an empty tensor",
+            ));
         }
         let r = self.as_rows(&ds)?;
         let out = float_dispatch!(op, self.dtype(), T => {
@@ -244,7 +261,11 @@ impl Tensor {
             Tensor::from_buf(v, &r.out_dims)
         });
         let keep = r.keep_dims.clone();
-        let out = if keepdim { out.reshape_usize(&keep)? } else { out };
+        let out = if keepdim {
+            out.reshape_usize(&keep)?
+        } else {
+            out
+        };
         let x = self.detach();
         let o = out.detach();
         Ok(out.with_grad(op, &[self], move |g| {
@@ -318,7 +339,11 @@ impl Tensor {
         let op = if log { "log_softmax" } else { "softmax" };
         let d = normalize_dim(op, dim, self.rank())?;
         if self.rank() == 0 {
-            let out = if log { self.zeros_like() } else { self.ones_like() };
+            let out = if log {
+                self.zeros_like()
+            } else {
+                self.ones_like()
+            };
             return Ok(out.with_grad(op, &[self], |g| Ok(vec![Some(g.zeros_like())])));
         }
         let last = self.rank() - 1;

@@ -6,8 +6,8 @@ use crate::dtype::{DType, Element};
 use crate::kernels::elementwise::{unary, Cost};
 use crate::kernels::strided::Runs;
 use crate::layout::Layout;
-use crate::storage::CpuStorage;
 use crate::shape::{infer_reshape, normalize_dim, normalize_dims};
+use crate::storage::CpuStorage;
 use crate::{Error, Result, Tensor};
 
 /// Write `src` (shape of `view`) into `out` at the positions of `view`, a layout over
@@ -69,7 +69,10 @@ impl Tensor {
             Some(_) => self.clone(),
             None => self.contiguous()?,
         };
-        let layout = src.layout().view(dims).expect("contiguous views always exist");
+        let layout = src
+            .layout()
+            .view(dims)
+            .expect("contiguous views always exist");
         let in_dims = self.dims().to_vec();
         Ok(src.view_with_grad(layout, "reshape", move |g| {
             Ok(vec![Some(g.reshape_usize(&in_dims)?)])
@@ -133,13 +136,21 @@ impl Tensor {
         match self.rank() {
             0 | 1 => Ok(self.clone()),
             2 => Ok(self.transpose_usize(0, 1)),
-            _ => Err(Error::bad_shape("t", self.dims(), "expects a tensor of rank <= 2")),
+            _ => Err(Error::bad_shape(
+                "t",
+                self.dims(),
+                "expects a tensor of rank <= 2",
+            )),
         }
     }
 
     pub(crate) fn permute_usize(&self, perm: &[usize]) -> Result<Tensor> {
         let mut seen = vec![false; self.rank()];
-        if perm.len() != self.rank() || perm.iter().any(|&p| p >= self.rank() || std::mem::replace(&mut seen[p], true)) {
+        if perm.len() != self.rank()
+            || perm
+                .iter()
+                .any(|&p| p >= self.rank() || std::mem::replace(&mut seen[p], true))
+        {
             return Err(Error::invalid(
                 "permute",
                 format!("{perm:?} is not a permutation of the {} dims", self.rank()),
@@ -149,9 +160,11 @@ impl Tensor {
         for (i, &p) in perm.iter().enumerate() {
             inverse[p] = i;
         }
-        Ok(self.view_with_grad(self.layout().permute(perm), "permute", move |g| {
-            Ok(vec![Some(g.permute_usize(&inverse)?)])
-        }))
+        Ok(
+            self.view_with_grad(self.layout().permute(perm), "permute", move |g| {
+                Ok(vec![Some(g.permute_usize(&inverse)?)])
+            }),
+        )
     }
 
     /// Reorder the dimensions (a view).
@@ -189,7 +202,9 @@ impl Tensor {
             return Ok(self.clone());
         }
         let in_dims = self.dims().to_vec();
-        let rel = Layout::contiguous(&in_dims).narrow(d, start, end - start).step(d, step);
+        let rel = Layout::contiguous(&in_dims)
+            .narrow(d, start, end - start)
+            .step(d, step);
         Ok(self.view_with_grad(layout, OP, move |g| {
             Ok(vec![Some(embed(&in_dims, 0.0, &rel, g)?)])
         }))
@@ -208,7 +223,9 @@ impl Tensor {
         }
         let layout = self.layout().broadcast_as("broadcast_to", dims)?;
         let in_dims = self.dims().to_vec();
-        Ok(self.view_with_grad(layout, "expand", move |g| Ok(vec![Some(g.sum_to(&in_dims)?)])))
+        Ok(self.view_with_grad(layout, "expand", move |g| {
+            Ok(vec![Some(g.sum_to(&in_dims)?)])
+        }))
     }
 
     /// PyTorch's `expand`: like `broadcast_to`, `-1` keeps a dimension's size.
@@ -238,9 +255,11 @@ impl Tensor {
             return Ok(self.clone());
         }
         let in_dims = self.dims().to_vec();
-        Ok(self.view_with_grad(self.layout().squeeze(d), "squeeze", move |g| {
-            Ok(vec![Some(g.reshape_usize(&in_dims)?)])
-        }))
+        Ok(
+            self.view_with_grad(self.layout().squeeze(d), "squeeze", move |g| {
+                Ok(vec![Some(g.reshape_usize(&in_dims)?)])
+            }),
+        )
     }
 
     /// Remove every size-1 dimension.
@@ -253,9 +272,11 @@ impl Tensor {
     pub fn unsqueeze(&self, dim: isize) -> Result<Tensor> {
         let d = normalize_dim("unsqueeze", dim, self.rank() + 1)?;
         let in_dims = self.dims().to_vec();
-        Ok(self.view_with_grad(self.layout().unsqueeze(d), "unsqueeze", move |g| {
-            Ok(vec![Some(g.reshape_usize(&in_dims)?)])
-        }))
+        Ok(
+            self.view_with_grad(self.layout().unsqueeze(d), "unsqueeze", move |g| {
+                Ok(vec![Some(g.reshape_usize(&in_dims)?)])
+            }),
+        )
     }
 
     /// A contiguous tensor with the same values (this tensor itself when already contiguous).
@@ -284,7 +305,9 @@ impl Tensor {
             return Ok(out);
         }
         let src = self.dtype();
-        Ok(out.with_grad("to_dtype", &[self], move |g| Ok(vec![Some(g.to_dtype(src)?)])))
+        Ok(out.with_grad("to_dtype", &[self], move |g| {
+            Ok(vec![Some(g.to_dtype(src)?)])
+        }))
     }
 
     /// Concatenate along `dim`; all other dims must agree.
@@ -299,7 +322,10 @@ impl Tensor {
         for t in tensors {
             first.check_same_dtype(t, OP)?;
             if t.rank() != first.rank()
-                || t.dims().iter().enumerate().any(|(i, &s)| i != d && s != first.dims()[i])
+                || t.dims()
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &s)| i != d && s != first.dims()[i])
             {
                 return Err(Error::shape_mismatch(OP, first.dims(), t.dims()));
             }
@@ -408,7 +434,10 @@ impl Tensor {
     /// Rotate elements along `dims` by `shifts` (like `torch.roll` with dims given).
     pub fn roll(&self, shifts: &[isize], dims: &[isize]) -> Result<Tensor> {
         if shifts.len() != dims.len() {
-            return Err(Error::invalid("roll", "shifts and dims must have the same length"));
+            return Err(Error::invalid(
+                "roll",
+                "shifts and dims must have the same length",
+            ));
         }
         let mut out = self.clone();
         for (&s, &dim) in shifts.iter().zip(dims) {
@@ -436,7 +465,11 @@ impl Tensor {
             return Err(Error::bad_shape(
                 "pad",
                 self.dims(),
-                format!("{} padding pairs for a tensor of rank {}", pads.len(), self.rank()),
+                format!(
+                    "{} padding pairs for a tensor of rank {}",
+                    pads.len(),
+                    self.rank()
+                ),
             ));
         }
         let rank = self.rank();

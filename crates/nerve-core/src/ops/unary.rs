@@ -41,38 +41,138 @@ fn sigmoid<T: Float>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
 }
 
-unary_fn!(Neg {}, "neg", Cost::Cheap, |self, x| -x, |self, x, y| -T::ONE);
-unary_fn!(Abs {}, "abs", Cost::Cheap, |self, x| x.abs(), |self, x, y| {
-    if x > T::ZERO { T::ONE } else if x < T::ZERO { -T::ONE } else { T::ZERO }
+unary_fn!(Neg {}, "neg", Cost::Cheap, |self, x| -x, |self, x, y| {
+    -T::ONE
 });
-unary_fn!(Exp {}, "exp", Cost::Transcendental, |self, x| x.exp(), |self, x, y| y);
-unary_fn!(Log {}, "log", Cost::Transcendental, |self, x| x.ln(), |self, x, y| T::ONE / x);
-unary_fn!(Sqrt {}, "sqrt", Cost::Cheap, |self, x| x.sqrt(), |self, x, y| T::from_f64(0.5) / y);
-unary_fn!(Rsqrt {}, "rsqrt", Cost::Cheap, |self, x| T::ONE / x.sqrt(), |self, x, y| {
-    T::from_f64(-0.5) * y * y * y
-});
-unary_fn!(Recip {}, "reciprocal", Cost::Cheap, |self, x| T::ONE / x, |self, x, y| -y * y);
-unary_fn!(Sin {}, "sin", Cost::Transcendental, |self, x| x.sin(), |self, x, y| x.cos());
-unary_fn!(Cos {}, "cos", Cost::Transcendental, |self, x| x.cos(), |self, x, y| -x.sin());
-unary_fn!(Tanh {}, "tanh", Cost::Transcendental, |self, x| x.tanh(), |self, x, y| T::ONE - y * y);
-unary_fn!(Sigmoid {}, "sigmoid", Cost::Transcendental, |self, x| sigmoid(x), |self, x, y| {
-    y * (T::ONE - y)
-});
-unary_fn!(Relu {}, "relu", Cost::Cheap, |self, x| if x > T::ZERO { x } else { T::ZERO },
-    |self, x, y| if x > T::ZERO { T::ONE } else { T::ZERO });
-unary_fn!(LeakyRelu { slope }, "leaky_relu", Cost::Cheap,
-    |self, x| if x > T::ZERO { x } else { x * T::from_f64(self.slope) },
-    |self, x, y| if x > T::ZERO { T::ONE } else { T::from_f64(self.slope) });
-unary_fn!(Elu { alpha }, "elu", Cost::Transcendental,
-    |self, x| if x > T::ZERO { x } else { T::from_f64(self.alpha) * (x.exp() - T::ONE) },
-    |self, x, y| if x > T::ZERO { T::ONE } else { y + T::from_f64(self.alpha) });
-unary_fn!(GeluErf {}, "gelu", Cost::Transcendental,
+unary_fn!(
+    Abs {},
+    "abs",
+    Cost::Cheap,
+    |self, x| x.abs(),
+    |self, x, y| {
+        if x > T::ZERO {
+            T::ONE
+        } else if x < T::ZERO {
+            -T::ONE
+        } else {
+            T::ZERO
+        }
+    }
+);
+unary_fn!(
+    Exp {},
+    "exp",
+    Cost::Transcendental,
+    |self, x| x.exp(),
+    |self, x, y| y
+);
+unary_fn!(
+    Log {},
+    "log",
+    Cost::Transcendental,
+    |self, x| x.ln(),
+    |self, x, y| T::ONE / x
+);
+unary_fn!(
+    Sqrt {},
+    "sqrt",
+    Cost::Cheap,
+    |self, x| x.sqrt(),
+    |self, x, y| T::from_f64(0.5) / y
+);
+unary_fn!(
+    Rsqrt {},
+    "rsqrt",
+    Cost::Cheap,
+    |self, x| T::ONE / x.sqrt(),
+    |self, x, y| { T::from_f64(-0.5) * y * y * y }
+);
+unary_fn!(
+    Recip {},
+    "reciprocal",
+    Cost::Cheap,
+    |self, x| T::ONE / x,
+    |self, x, y| -y * y
+);
+unary_fn!(
+    Sin {},
+    "sin",
+    Cost::Transcendental,
+    |self, x| x.sin(),
+    |self, x, y| x.cos()
+);
+unary_fn!(
+    Cos {},
+    "cos",
+    Cost::Transcendental,
+    |self, x| x.cos(),
+    |self, x, y| -x.sin()
+);
+unary_fn!(
+    Tanh {},
+    "tanh",
+    Cost::Transcendental,
+    |self, x| x.tanh(),
+    |self, x, y| T::ONE - y * y
+);
+unary_fn!(
+    Sigmoid {},
+    "sigmoid",
+    Cost::Transcendental,
+    |self, x| sigmoid(x),
+    |self, x, y| { y * (T::ONE - y) }
+);
+unary_fn!(
+    Relu {},
+    "relu",
+    Cost::Cheap,
+    |self, x| if x > T::ZERO { x } else { T::ZERO },
+    |self, x, y| if x > T::ZERO { T::ONE } else { T::ZERO }
+);
+unary_fn!(
+    LeakyRelu { slope },
+    "leaky_relu",
+    Cost::Cheap,
+    |self, x| if x > T::ZERO {
+        x
+    } else {
+        x * T::from_f64(self.slope)
+    },
+    |self, x, y| if x > T::ZERO {
+        T::ONE
+    } else {
+        T::from_f64(self.slope)
+    }
+);
+unary_fn!(
+    Elu { alpha },
+    "elu",
+    Cost::Transcendental,
+    |self, x| if x > T::ZERO {
+        x
+    } else {
+        T::from_f64(self.alpha) * (x.exp() - T::ONE)
+    },
+    |self, x, y| if x > T::ZERO {
+        T::ONE
+    } else {
+        y + T::from_f64(self.alpha)
+    }
+);
+unary_fn!(
+    GeluErf {},
+    "gelu",
+    Cost::Transcendental,
     |self, x| T::from_f64(0.5) * x * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf()),
     |self, x, y| {
         let cdf = T::from_f64(0.5) * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf());
         cdf + x * T::from_f64(FRAC_1_SQRT_2PI) * (T::from_f64(-0.5) * x * x).exp()
-    });
-unary_fn!(GeluTanh {}, "gelu_tanh", Cost::Transcendental,
+    }
+);
+unary_fn!(
+    GeluTanh {},
+    "gelu_tanh",
+    Cost::Transcendental,
     |self, x| {
         let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(0.044715) * x * x * x);
         T::from_f64(0.5) * x * (T::ONE + u.tanh())
@@ -82,39 +182,96 @@ unary_fn!(GeluTanh {}, "gelu_tanh", Cost::Transcendental,
         let t = u.tanh();
         let du = T::from_f64(SQRT_2_OVER_PI) * (T::ONE + T::from_f64(3.0 * 0.044715) * x * x);
         T::from_f64(0.5) * (T::ONE + t) + T::from_f64(0.5) * x * (T::ONE - t * t) * du
-    });
-unary_fn!(Silu {}, "silu", Cost::Transcendental, |self, x| x * sigmoid(x), |self, x, y| {
-    let s = sigmoid(x);
-    s * (T::ONE + x * (T::ONE - s))
-});
-unary_fn!(Softplus { beta, threshold }, "softplus", Cost::Transcendental,
+    }
+);
+unary_fn!(
+    Silu {},
+    "silu",
+    Cost::Transcendental,
+    |self, x| x * sigmoid(x),
+    |self, x, y| {
+        let s = sigmoid(x);
+        s * (T::ONE + x * (T::ONE - s))
+    }
+);
+unary_fn!(
+    Softplus { beta, threshold },
+    "softplus",
+    Cost::Transcendental,
     |self, x| {
         let b = T::from_f64(self.beta);
-        if x * b > T::from_f64(self.threshold) { x } else { (T::ONE + (x * b).exp()).ln() / b }
+        if x * b > T::from_f64(self.threshold) {
+            x
+        } else {
+            (T::ONE + (x * b).exp()).ln() / b
+        }
     },
     |self, x, y| {
         let b = T::from_f64(self.beta);
-        if x * b > T::from_f64(self.threshold) { T::ONE } else { sigmoid(x * b) }
-    });
-unary_fn!(Affine { mul, add }, "affine", Cost::Cheap,
+        if x * b > T::from_f64(self.threshold) {
+            T::ONE
+        } else {
+            sigmoid(x * b)
+        }
+    }
+);
+unary_fn!(
+    Affine { mul, add },
+    "affine",
+    Cost::Cheap,
     |self, x| x * T::from_f64(self.mul) + T::from_f64(self.add),
-    |self, x, y| T::from_f64(self.mul));
-unary_fn!(Powf { e }, "pow", Cost::Transcendental, |self, x| {
-    let e = T::from_f64(self.e);
-    if self.e == 2.0 { x * x } else if self.e == 1.0 { x } else { x.powf(e) }
-}, |self, x, y| {
-    let e = T::from_f64(self.e);
-    if self.e == 0.0 { T::ZERO } else if self.e == 2.0 { T::from_f64(2.0) * x } else { e * x.powf(e - T::ONE) }
-});
-unary_fn!(Clamp { lo, hi }, "clamp", Cost::Cheap,
+    |self, x, y| T::from_f64(self.mul)
+);
+unary_fn!(
+    Powf { e },
+    "pow",
+    Cost::Transcendental,
+    |self, x| {
+        let e = T::from_f64(self.e);
+        if self.e == 2.0 {
+            x * x
+        } else if self.e == 1.0 {
+            x
+        } else {
+            x.powf(e)
+        }
+    },
+    |self, x, y| {
+        let e = T::from_f64(self.e);
+        if self.e == 0.0 {
+            T::ZERO
+        } else if self.e == 2.0 {
+            T::from_f64(2.0) * x
+        } else {
+            e * x.powf(e - T::ONE)
+        }
+    }
+);
+unary_fn!(
+    Clamp { lo, hi },
+    "clamp",
+    Cost::Cheap,
     |self, x| {
         let (lo, hi) = (T::from_f64(self.lo), T::from_f64(self.hi));
-        if x.is_nan() { x } else if x < lo { lo } else if x > hi { hi } else { x }
+        if x.is_nan() {
+            x
+        } else if x < lo {
+            lo
+        } else if x > hi {
+            hi
+        } else {
+            x
+        }
     },
     |self, x, y| {
         let (lo, hi) = (T::from_f64(self.lo), T::from_f64(self.hi));
-        if x >= lo && x <= hi { T::ONE } else { T::ZERO }
-    });
+        if x >= lo && x <= hi {
+            T::ONE
+        } else {
+            T::ZERO
+        }
+    }
+);
 
 impl Tensor {
     /// Apply a unary function, no autodiff.
@@ -242,7 +399,10 @@ impl Tensor {
     /// Clamp into `[min, max]`; either bound may be absent. The gradient passes where
     /// `min <= x <= max`.
     pub fn clamp(&self, min: Option<f64>, max: Option<f64>) -> Result<Tensor> {
-        let (lo, hi) = (min.unwrap_or(f64::NEG_INFINITY), max.unwrap_or(f64::INFINITY));
+        let (lo, hi) = (
+            min.unwrap_or(f64::NEG_INFINITY),
+            max.unwrap_or(f64::INFINITY),
+        );
         if lo > hi {
             return Err(Error::invalid("clamp", format!("min {lo} > max {hi}")));
         }

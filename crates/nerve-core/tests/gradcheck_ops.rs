@@ -1,0 +1,282 @@
+//! One finite-difference gradient check (f64, central differences, PyTorch's default
+//! tolerances: eps 1e-6, atol 1e-5, rtol 1e-3) per differentiable op, on shapes that include
+//! broadcasting, size-1 dimensions and non-contiguous views.
+
+use nerve_core::gradcheck::gradcheck;
+use nerve_core::{manual_seed, DType, Result, Tensor};
+
+fn rnd(dims: &[usize]) -> Tensor {
+    Tensor::randn(dims).to_dtype(DType::F64).unwrap()
+}
+
+/// Random values bounded away from zero (for log, sqrt, div, pow bases).
+fn pos(dims: &[usize]) -> Tensor {
+    Tensor::uniform(dims, 0.5, 2.0)
+        .to_dtype(DType::F64)
+        .unwrap()
+}
+
+/// Random values away from the kinks of relu/abs/clamp (|x| > 0.05).
+fn away(dims: &[usize]) -> Tensor {
+    let x = Tensor::uniform(dims, 0.1, 2.0);
+    let s = Tensor::bernoulli_p(dims, 0.5)
+        .unwrap()
+        .mul_scalar(2.0)
+        .unwrap()
+        .sub_scalar(1.0)
+        .unwrap();
+    x.mul(&s).unwrap().to_dtype(DType::F64).unwrap()
+}
+
+fn check(f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor]) {
+    manual_seed(7);
+    gradcheck(f, inputs).unwrap();
+}
+
+macro_rules! unary_tests {
+    ($($name:ident: $gen:ident => |$x:ident| $e:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            manual_seed(1);
+            // contiguous, with a size-1 dim
+            check(|v| { let $x = &v[0]; $e }, &[$gen(&[3, 1, 4])]);
+            // non-contiguous view (transposed)
+            check(|v| { let $x = &v[0].transpose(0, 1)?; $e }, &[$gen(&[4, 3])]);
+        }
+    )*};
+}
+
+unary_tests! {
+    neg: rnd => |x| x.neg();
+    abs: away => |x| x.abs();
+    exp: rnd => |x| x.exp();
+    log: pos => |x| x.log();
+    sqrt: pos => |x| x.sqrt();
+    rsqrt: pos => |x| x.rsqrt();
+    reciprocal: pos => |x| x.reciprocal();
+    sin: rnd => |x| x.sin();
+    cos: rnd => |x| x.cos();
+    tanh: rnd => |x| x.tanh();
+    sigmoid: rnd => |x| x.sigmoid();
+    relu: away => |x| x.relu();
+    leaky_relu: away => |x| x.leaky_relu(0.1);
+    elu: away => |x| x.elu(1.3);
+    gelu_erf: rnd => |x| x.gelu();
+    gelu_tanh: rnd => |x| x.gelu_tanh();
+    silu: rnd => |x| x.silu();
+    softplus: rnd => |x| x.softplus(1.5, 20.0);
+    affine: rnd => |x| x.affine(2.5, -1.0);
+    powf: pos => |x| x.powf(2.7);
+    square: rnd => |x| x.square();
+    clamp: away => |x| x.clamp(Some(-0.8), Some(0.9));
+    softmax_last: rnd => |x| x.softmax(-1);
+    softmax_first: rnd => |x| x.softmax(0);
+    log_softmax_last: rnd => |x| x.log_softmax(-1);
+    log_softmax_first: rnd => |x| x.log_softmax(0);
+    cumsum_0: rnd => |x| x.cumsum(0);
+    cumsum_last: rnd => |x| x.cumsum(-1);
+    sum_all: rnd => |x| x.sum();
+    sum_dim0: rnd => |x| x.sum_dim(&[0], false);
+    sum_dim_last_keep: rnd => |x| x.sum_dim(&[-1], true);
+    mean_dims: rnd => |x| x.mean_dim(&[0, 1], false);
+    var_dim: rnd => |x| x.var_dim(&[0], 1, true);
+    std_all: rnd => |x| x.std_dim(&[], 1, false);
+    logsumexp: rnd => |x| x.logsumexp(&[-1], false);
+    norm: rnd => |x| x.norm();
+    norm_p3: away => |x| x.norm_dim(3.0, &[0], false);
+    amax: rnd => |x| x.amax(&[0], false);
+    amin: rnd => |x| x.amin(&[-1], true);
+    max_all: rnd => |x| x.max();
+    max_dim_values: rnd => |x| Ok(x.max_dim(-1, false)?.0);
+    min_dim_values: rnd => |x| Ok(x.min_dim(0, true)?.0);
+    reshape: rnd => |x| x.reshape(&[-1, 2]);
+    flatten: rnd => |x| x.flatten(0, -1);
+    transpose: rnd => |x| x.transpose(0, -1);
+    permute: rnd => |x| x.permute(&(0..x.rank() as isize).rev().collect::<Vec<_>>());
+    narrow: rnd => |x| x.narrow(-1, 1, 2);
+    slice_step: rnd => |x| x.slice(-1, 0, 3, 2);
+    select: rnd => |x| x.select(0, 1);
+    unsqueeze_squeeze: rnd => |x| x.unsqueeze(1)?.squeeze(1);
+    expand: rnd => |x| { let mut d = vec![-1; x.rank() + 1]; d[0] = 3; x.unsqueeze(0)?.expand(&d) };
+    contiguous: rnd => |x| x.contiguous();
+    flip: rnd => |x| x.flip(&[0, -1]);
+    roll: rnd => |x| x.roll(&[1, -2], &[0, -1]);
+    pad: rnd => |x| x.pad(&[(1, 2), (0, 1)], 0.5);
+    split: rnd => |x| { let p = x.split(2, -1)?; p[0].mul(&p[0])?.sum()?.add(&p[p.len() - 1].sum()?) };
+    chunk: rnd => |x| { let p = x.chunk(2, 0)?; p[0].sum_dim(&[0], false)?.mul(&p[1].sum_dim(&[0], false)?) };
+    dropout_eval: rnd => |x| x.dropout(0.5, false);
+}
+
+#[test]
+fn to_dtype_roundtrip_through_f32() {
+    // f32 rounding (~1e-7 relative) needs a larger step: eps 1e-2, atol 1e-4.
+    let gc = nerve_core::gradcheck::GradCheck {
+        eps: 1e-2,
+        atol: 1e-4,
+        rtol: 1e-3,
+    };
+    manual_seed(5);
+    gc.check(
+        |v| {
+            v[0].to_dtype(DType::F32)?
+                .mul_scalar(3.0)?
+                .to_dtype(DType::F64)
+        },
+        &[rnd(&[3, 4])],
+    )
+    .unwrap();
+}
+
+#[test]
+fn dropout_train() {
+    // The mask is random per call, so fix it by reseeding inside f.
+    check(
+        |v| {
+            manual_seed(3);
+            v[0].dropout(0.3, true)
+        },
+        &[rnd(&[4, 5])],
+    );
+}
+
+macro_rules! binary_tests {
+    ($($name:ident: $ga:ident, $gb:ident => |$a:ident, $b:ident| $e:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            manual_seed(2);
+            // same shape
+            check(|v| { let ($a, $b) = (&v[0], &v[1]); $e }, &[$ga(&[2, 3]), $gb(&[2, 3])]);
+            // broadcasting both ways with size-1 dims and a missing leading dim
+            check(|v| { let ($a, $b) = (&v[0], &v[1]); $e }, &[$ga(&[2, 1, 4]), $gb(&[3, 1])]);
+            // non-contiguous lhs, scalar-like rhs
+            check(|v| { let ($a, $b) = (&v[0].t()?, &v[1]); $e }, &[$ga(&[4, 3]), $gb(&[1])]);
+            // the same tensor used twice
+            check(|v| { let ($a, $b) = (&v[0], &v[0]); $e }, &[$ga(&[3, 2])]);
+        }
+    )*};
+}
+
+binary_tests! {
+    add: rnd, rnd => |a, b| a.add(b);
+    sub: rnd, rnd => |a, b| a.sub(b);
+    mul: rnd, rnd => |a, b| a.mul(b);
+    div: rnd, pos => |a, b| a.div(b);
+    pow: pos, rnd => |a, b| a.pow(b);
+    maximum: rnd, rnd => |a, b| a.maximum(b);
+    minimum: rnd, rnd => |a, b| a.minimum(b);
+    where_cond: rnd, rnd => |a, b| a.gt(b)?.where_cond(a, &b.mul_scalar(2.0)?);
+    masked_fill: rnd, rnd => |a, b| { let m = a.lt(b)?; a.broadcast_to(m.dims())?.masked_fill(&m, 0.25)?.mul(b) };
+    operators: rnd, rnd => |a, b| Ok(&(&(a * b) + &(a / 2.0)) - b);
+}
+
+#[test]
+fn matmul_2d() {
+    check(|v| v[0].matmul(&v[1]), &[rnd(&[3, 4]), rnd(&[4, 5])]);
+}
+
+#[test]
+fn matmul_transposed_views() {
+    check(
+        |v| v[0].t()?.matmul(&v[1].t()?),
+        &[rnd(&[4, 3]), rnd(&[5, 4])],
+    );
+}
+
+#[test]
+fn matmul_batched_broadcast() {
+    check(
+        |v| v[0].matmul(&v[1]),
+        &[rnd(&[2, 1, 3, 4]), rnd(&[3, 4, 2])],
+    );
+}
+
+#[test]
+fn matmul_vector_cases() {
+    check(|v| v[0].matmul(&v[1]), &[rnd(&[4]), rnd(&[4])]);
+    check(|v| v[0].matmul(&v[1]), &[rnd(&[2, 3, 4]), rnd(&[4])]);
+    check(|v| v[0].matmul(&v[1]), &[rnd(&[4]), rnd(&[2, 4, 3])]);
+}
+
+#[test]
+fn cat_and_stack() {
+    check(
+        |v| Tensor::cat(&[&v[0], &v[1]], 1),
+        &[rnd(&[2, 3]), rnd(&[2, 2])],
+    );
+    check(
+        |v| Tensor::cat(&[&v[0].t()?, &v[1]], 0),
+        &[rnd(&[3, 2]), rnd(&[1, 3])],
+    );
+    check(
+        |v| Tensor::stack(&[&v[0], &v[1], &v[0]], 1),
+        &[rnd(&[2, 3]), rnd(&[2, 3])],
+    );
+}
+
+fn idx(v: &[i64], dims: &[usize]) -> Tensor {
+    Tensor::from_slice(v, dims).unwrap()
+}
+
+#[test]
+fn index_select() {
+    check(
+        |v| v[0].index_select(0, &v[1]),
+        &[rnd(&[4, 3]), idx(&[3, 0, 3], &[3])],
+    );
+    check(
+        |v| v[0].t()?.index_select(1, &v[1]),
+        &[rnd(&[4, 3]), idx(&[1, 1, 0, 2], &[4])],
+    );
+}
+
+#[test]
+fn gather() {
+    check(
+        |v| v[0].gather(1, &v[1]),
+        &[rnd(&[3, 4]), idx(&[0, 3, 3, 1, 2, 0], &[3, 2])],
+    );
+    check(
+        |v| v[0].gather(0, &v[1]),
+        &[rnd(&[3, 4]), idx(&[2, 0, 1, 1], &[1, 4])],
+    );
+}
+
+#[test]
+fn scatter_add() {
+    check(
+        |v| v[0].scatter_add(0, &v[2], &v[1]),
+        &[
+            rnd(&[3, 4]),
+            rnd(&[2, 4]),
+            idx(&[0, 2, 2, 1, 0, 0, 1, 1], &[2, 4]),
+        ],
+    );
+    // index smaller than src
+    check(
+        |v| v[0].scatter_add(1, &v[2], &v[1]),
+        &[rnd(&[2, 3]), rnd(&[2, 4]), idx(&[2, 2, 0, 1], &[2, 2])],
+    );
+}
+
+#[test]
+fn embedding() {
+    check(
+        |v| v[0].embedding(&v[1]),
+        &[rnd(&[5, 3]), idx(&[4, 0, 4, 2, 1, 1], &[2, 3])],
+    );
+}
+
+#[test]
+fn composite_mlp_step() {
+    // A tensor used several times, broadcasting bias, views and reductions together.
+    check(
+        |v| {
+            let h = v[0].matmul(&v[1])?.add(&v[2])?.tanh()?;
+            let y = h.matmul(&v[1].t()?)?;
+            y.log_softmax(-1)?
+                .mul(&h.sum_dim(&[-1], true)?)?
+                .mean_dim(&[0], false)
+        },
+        &[rnd(&[4, 3]), rnd(&[3, 3]), rnd(&[3])],
+    );
+}
