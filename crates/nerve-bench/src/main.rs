@@ -1,1 +1,163 @@
-fn main() {}
+//! `nerve-bench`: runs the benchmark workloads and prints one line each,
+//! `workload=<name> impl=nerve step_ms=<median> throughput=<value> unit=<unit>`.
+//!
+//! Protocol (shared with `tools/torch_bench.py`): 3 warm-up steps, then steps until at least
+//! `--min-secs` seconds have been timed; the median step time is reported.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use nerve_core::{manual_seed, Result, Tensor};
+
+#[derive(Parser)]
+#[command(about = "nerve benchmark workloads")]
+struct Args {
+    /// Workloads to run (default: all). Known: see --list.
+    workloads: Vec<String>,
+    /// Minimum timed seconds per workload.
+    #[arg(long, default_value_t = 3.0)]
+    min_secs: f64,
+    /// List the workloads and exit.
+    #[arg(long)]
+    list: bool,
+    /// Threads (default: NERVE_NUM_THREADS or all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// A workload: prepares its state and returns a step closure plus the work per step.
+struct Workload {
+    name: &'static str,
+    unit: &'static str,
+    /// Work units per step (e.g. GFLOP); throughput = work / step seconds.
+    work: f64,
+    setup: fn() -> Result<Box<dyn FnMut() -> Result<()>>>,
+}
+
+fn sgemm(n: usize) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    manual_seed(0);
+    let a = Tensor::randn([n, n]);
+    let b = Tensor::randn([n, n]);
+    Ok(Box::new(move || {
+        std::hint::black_box(a.matmul(&b)?);
+        Ok(())
+    }))
+}
+
+const EW_N: usize = 1 << 24;
+
+fn workloads() -> Vec<Workload> {
+    vec![
+        Workload {
+            name: "sgemm-1024",
+            unit: "GFLOP/s",
+            work: 2.0 * 1024f64.powi(3) / 1e9,
+            setup: || sgemm(1024),
+        },
+        Workload {
+            name: "sgemm-4096",
+            unit: "GFLOP/s",
+            work: 2.0 * 4096f64.powi(3) / 1e9,
+            setup: || sgemm(4096),
+        },
+        // c = a + b over 16M f32: 3 × 64 MiB of memory traffic per step.
+        Workload {
+            name: "add-16m",
+            unit: "GB/s",
+            work: 3.0 * 4.0 * EW_N as f64 / 1e9,
+            setup: || {
+                let a = Tensor::randn([EW_N]);
+                let b = Tensor::randn([EW_N]);
+                Ok(Box::new(move || {
+                    std::hint::black_box(a.add(&b)?);
+                    Ok(())
+                }))
+            },
+        },
+        // GELU (tanh form, as GPT-2 uses) over 16M f32.
+        Workload {
+            name: "gelu-16m",
+            unit: "Gelem/s",
+            work: EW_N as f64 / 1e9,
+            setup: || {
+                let a = Tensor::randn([EW_N]);
+                Ok(Box::new(move || {
+                    std::hint::black_box(a.gelu_tanh()?);
+                    Ok(())
+                }))
+            },
+        },
+        // Softmax over the last dim of 4096 rows of 1024 (attention-sized rows).
+        Workload {
+            name: "softmax-4096x1024",
+            unit: "Gelem/s",
+            work: 4096.0 * 1024.0 / 1e9,
+            setup: || {
+                let a = Tensor::randn([4096, 1024]);
+                Ok(Box::new(move || {
+                    std::hint::black_box(a.softmax(-1)?);
+                    Ok(())
+                }))
+            },
+        },
+    ]
+}
+
+fn run(w: &Workload, min_secs: f64) -> Result<()> {
+    let mut step = (w.setup)()?;
+    for _ in 0..3 {
+        step()?;
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs_f64(min_secs) || times.len() < 3 {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "workload={} impl=nerve step_ms={:.3} throughput={:.2} unit={}",
+        w.name,
+        median * 1e3,
+        w.work / median,
+        w.unit
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(t) = args.threads {
+        nerve_core::set_num_threads(t);
+    }
+    let all = workloads();
+    if args.list {
+        for w in &all {
+            println!("{}", w.name);
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
+    for name in &args.workloads {
+        if !all.iter().any(|w| w.name == name) {
+            eprintln!("error: unknown workload '{name}' (see --list)");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    eprintln!(
+        "# nerve {} threads, sgemm kernel {}, simd {:?}",
+        nerve_core::num_threads(),
+        nerve_core::kernels::gemm::sgemm_kernel_name(),
+        nerve_core::kernels::simd_level()
+    );
+    for w in &all {
+        if args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name) {
+            if let Err(e) = run(w, args.min_secs) {
+                eprintln!("error: workload {}: {e}", w.name);
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    std::process::ExitCode::SUCCESS
+}

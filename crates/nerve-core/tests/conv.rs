@@ -265,7 +265,8 @@ fn pooling_hand_computed() -> Result<()> {
     // Padding counts as -inf, even below negative values; dilation 2 skips a pixel.
     let neg = x.neg()?;
     let v = neg.max_pool2d((3, 3), (2, 2), (1, 1), (1, 1), false)?;
-    assert_eq!(v.to_vec::<f32>()?, vec![0., -2., -4., -10., -12., -14., -20., -22., -24.]);
+    // Windows start at rows/cols 0, 1, 3 (clipped by the padding): each max is its first.
+    assert_eq!(v.to_vec::<f32>()?, vec![0., -1., -3., -5., -6., -8., -15., -16., -18.]);
     let (v, i) = x.max_pool2d_with_indices((2, 2), (1, 1), (0, 0), (2, 2), false)?;
     assert_eq!(v.dims(), &[1, 1, 3, 3]);
     assert_eq!(i.to_vec::<i64>()?, vec![12, 13, 14, 17, 18, 19, 22, 23, 24]);
@@ -278,12 +279,14 @@ fn pooling_hand_computed() -> Result<()> {
     assert_close(&v.to_vec::<f64>()?, &[10. / 9., 24. / 9., 51. / 9., 10.], 1e-12);
     let v = x.avg_pool2d((3, 3), (2, 2), (1, 1), false, false)?;
     assert_close(&v.to_vec::<f64>()?, &[2.5, 4., 8.5, 10.], 1e-12);
-    // ceil_mode: 4 → 3 windows of 2 (stride 2, kernel 2) with the last one clipped... no:
-    // (4 - 2 + 1) / 2 + 1 = 2 rows, unchanged; with kernel 3 stride 2: (4 - 3 + 1) / 2 + 1 = 2.
+    // ceil_mode, kernel 3 stride 2 on 4: ceil((4 - 3) / 2) + 1 = 2 windows instead of 1; the
+    // second covers rows (cols) 2..4 only: 10, 11, 14, 15 (divided by 4 either way, as the
+    // clipped part is outside the padding too).
     let v = x.avg_pool2d((3, 3), (2, 2), (0, 0), true, false)?;
     assert_eq!(v.dims(), &[1, 1, 2, 2]);
-    // Window (1,1) covers rows 2..4, cols 2..4: 10, 11, 14, 15.
-    assert_close(&v.to_vec::<f64>()?[3..], &[12.5], 1e-12);
+    assert_close(&v.to_vec::<f64>()?, &[5., 6.5, 11., 12.5], 1e-12);
+    let v = x.avg_pool2d((3, 3), (2, 2), (0, 0), true, true)?;
+    assert_close(&v.to_vec::<f64>()?, &[5., 6.5, 11., 12.5], 1e-12);
     // 5 → 3 adaptive bins: 0..2, 1..4, 3..5.
     let x = t64(&[0., 1., 2., 3., 4.], &[1, 1, 1, 5]);
     let v = x.adaptive_avg_pool2d((1, 3))?;
@@ -337,8 +340,8 @@ fn gradcheck_conv2d_non_contiguous_input() -> Result<()> {
         &[x, w, b],
     )?;
     // Transposed weight view too.
-    let x = randn(&[1, 2, 4, 4], 133);
-    let w = randn(&[3, 3, 2, 2], 134);
+    let x = randn(&[1, 3, 4, 4], 133);
+    let w = randn(&[3, 2, 2, 2], 134);
     gradcheck(
         |t| t[0].conv2d(&t[1].transpose(0, 1)?, None, (1, 1), (0, 0), (1, 1), 1),
         &[x, w],

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""PyTorch reference for nerve-bench: the same workloads, protocol and output lines.
+
+    pip install torch
+    python3 tools/torch_bench.py [workload ...] [--min-secs 3] [--threads N]
+
+Run it right after `cargo run --release -p nerve-bench` on the same machine and compare the
+throughputs as ratios.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+EW_N = 1 << 24
+
+
+def sgemm(n):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return lambda: torch.mm(a, b)
+
+
+def add():
+    a, b = torch.randn(EW_N), torch.randn(EW_N)
+    return lambda: a + b
+
+
+def gelu():
+    a = torch.randn(EW_N)
+    return lambda: torch.nn.functional.gelu(a, approximate="tanh")
+
+
+def softmax():
+    a = torch.randn(4096, 1024)
+    return lambda: torch.softmax(a, -1)
+
+
+WORKLOADS = [
+    ("sgemm-1024", "GFLOP/s", 2 * 1024**3 / 1e9, lambda: sgemm(1024)),
+    ("sgemm-4096", "GFLOP/s", 2 * 4096**3 / 1e9, lambda: sgemm(4096)),
+    ("add-16m", "GB/s", 3 * 4 * EW_N / 1e9, add),
+    ("gelu-16m", "Gelem/s", EW_N / 1e9, gelu),
+    ("softmax-4096x1024", "Gelem/s", 4096 * 1024 / 1e9, softmax),
+]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("workloads", nargs="*")
+    p.add_argument("--min-secs", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    for name, unit, work, setup in WORKLOADS:
+        if args.workloads and name not in args.workloads:
+            continue
+        step = setup()
+        with torch.no_grad():
+            for _ in range(3):
+                step()
+            times = []
+            start = time.perf_counter()
+            while time.perf_counter() - start < args.min_secs or len(times) < 3:
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        print(f"workload={name} impl=pytorch step_ms={med * 1e3:.3f} "
+              f"throughput={work / med:.2f} unit={unit}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
