@@ -83,6 +83,7 @@ impl fmt::Display for Tensor {
         let width = strs.iter().map(|s| s.len()).max().unwrap_or(0);
         let dims = self.dims().to_vec();
         let strides = crate::shape::contiguous_strides(&dims);
+        #[allow(clippy::too_many_arguments)]
         fn rec(
             out: &mut String,
             strs: &[String],

@@ -83,7 +83,8 @@ impl GradCheck {
                 let lm = loss(&xs)?;
                 let numeric = (lp - lm) / (2.0 * self.eps);
                 let a = analytic[j];
-                if !((a - numeric).abs() <= self.atol + self.rtol * numeric.abs()) {
+                let close = (a - numeric).abs() <= self.atol + self.rtol * numeric.abs();
+                if !close {
                     return Err(Error::invalid(
                         "gradcheck",
                         format!(

@@ -13,7 +13,10 @@ struct Fixtures {
 
 impl Fixtures {
     fn load() -> Fixtures {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ops.safetensors");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/ops.safetensors"
+        );
         let bytes = std::fs::read(path).expect("fixture file (run tools/torch_fixtures.py)");
         let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
         let mut tensors = HashMap::new();
@@ -58,7 +61,9 @@ impl Fixtures {
         let out = f(&inputs).unwrap_or_else(|e| panic!("{case}: {e}"));
         let want = self.get(&format!("{case}.out")).unwrap();
         assert_close(case, "output", &out, &want);
-        let Some(gout) = self.get(&format!("{case}.gout")) else { return };
+        let Some(gout) = self.get(&format!("{case}.gout")) else {
+            return;
+        };
         if !out.requires_grad() {
             return;
         }

@@ -143,11 +143,18 @@ pub fn ternary<A: Element, B: Element, C: Element, U: Element>(
         ],
     );
     let [sa, sb, sc] = runs.inner_strides();
-    fill(&mut out, Cost::Cheap, |chunk, start| {
+    fill(&mut out, Cost::Transcendental, |chunk, start| {
         runs.for_each(start, start + chunk.len(), |pos, len, [oa, ob, oc]| {
             let dst = &mut chunk[pos - start..pos - start + len];
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = f(a[oa + i * sa], b[ob + i * sb], c[oc + i * sc]);
+            if (sa, sb, sc) == (1, 1, 1) {
+                let (a, b, c) = (&a[oa..oa + len], &b[ob..ob + len], &c[oc..oc + len]);
+                for i in 0..len {
+                    dst[i] = f(a[i], b[i], c[i]);
+                }
+            } else {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = f(a[oa + i * sa], b[ob + i * sb], c[oc + i * sc]);
+                }
             }
         })
     });

@@ -29,7 +29,7 @@ pub fn sum<T: Float>(x: &[T]) -> T {
     while w > 1 {
         w /= 2;
         for i in 0..w {
-            acc[i] = acc[i] + acc[i + w];
+            acc[i] += acc[i + w];
         }
     }
     acc[0] + s
@@ -58,7 +58,7 @@ pub fn dot<T: Float>(x: &[T], y: &[T]) -> T {
     while w > 1 {
         w /= 2;
         for i in 0..w {
-            acc[i] = acc[i] + acc[i + w];
+            acc[i] += acc[i + w];
         }
     }
     acc[0] + s

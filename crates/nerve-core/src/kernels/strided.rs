@@ -1,5 +1,6 @@
 //! Walking N strided operands together in row-major order, in runs along the innermost
 //! dimension, after merging dimensions that are contiguous in every operand.
+#![allow(clippy::needless_range_loop)] // operand-indexed loops over fixed-size arrays
 
 /// The collapsed iteration space of N operands over one shape.
 #[derive(Clone, Debug)]

@@ -58,6 +58,7 @@ impl GatherMap {
         let mut idx = vec![0usize; r];
         values.iter().map(move |&v| {
             let mut off = 0;
+            #[allow(clippy::needless_range_loop)]
             for k in 0..r {
                 off += if k == self.d { v } else { idx[k] } * self.strides[k];
             }

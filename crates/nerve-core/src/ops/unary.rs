@@ -85,7 +85,7 @@ unary_fn!(
     "rsqrt",
     Cost::Cheap,
     |self, x| T::ONE / x.sqrt(),
-    |self, x, y| { T::from_f64(-0.5) * y * y * y }
+    |self, x, y| T::from_f64(-0.5) * y * y * y
 );
 unary_fn!(
     Recip {},
@@ -120,7 +120,7 @@ unary_fn!(
     "sigmoid",
     Cost::Transcendental,
     |self, x| sigmoid(x),
-    |self, x, y| { y * (T::ONE - y) }
+    |self, x, y| y * (T::ONE - y)
 );
 unary_fn!(
     Relu {},
