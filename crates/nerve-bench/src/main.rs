@@ -25,16 +25,19 @@ struct Args {
     threads: Option<usize>,
 }
 
+/// One timed step of a workload.
+type Step = Box<dyn FnMut() -> Result<()>>;
+
 /// A workload: prepares its state and returns a step closure plus the work per step.
 struct Workload {
     name: &'static str,
     unit: &'static str,
     /// Work units per step (e.g. GFLOP); throughput = work / step seconds.
     work: f64,
-    setup: fn() -> Result<Box<dyn FnMut() -> Result<()>>>,
+    setup: fn() -> Result<Step>,
 }
 
-fn sgemm(n: usize) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn sgemm(n: usize) -> Result<Step> {
     manual_seed(0);
     let a = Tensor::randn([n, n]);
     let b = Tensor::randn([n, n]);

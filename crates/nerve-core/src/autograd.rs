@@ -167,7 +167,11 @@ impl Tensor {
                     let mut slot = t.0.grad.lock().unwrap_or_else(|e| e.into_inner());
                     *slot = Some(match slot.take() {
                         Some(old) => old.add(&g)?,
-                        None => g,
+                        // A gradient that aliases other tensors (an upstream gradient passed
+                        // through, an expanded view) is copied, so that in-place updates of
+                        // one leaf's .grad never touch another's.
+                        None if g.owns_storage_alone() => g,
+                        None => g.copy()?,
                     });
                 }
                 Some(node) => {

@@ -8,7 +8,9 @@ use nerve_core::{manual_seed, DType, Generator, Result, Tensor};
 /// generator).
 fn randn(dims: &[usize], seed: u64) -> Tensor {
     let mut g = Generator::new(seed);
-    Tensor::randn_with(dims, &mut g).to_dtype(DType::F64).unwrap()
+    Tensor::randn_with(dims, &mut g)
+        .to_dtype(DType::F64)
+        .unwrap()
 }
 
 fn t64(v: &[f64], dims: &[usize]) -> Tensor {
@@ -191,9 +193,22 @@ fn conv2d_matches_reference() -> Result<()> {
 
 #[test]
 fn conv_transpose2d_matches_reference() -> Result<()> {
-    let cases: Vec<(Vec<usize>, Vec<usize>, bool, Cfg, (usize, usize))> = vec![
-        (vec![2, 3, 4, 5], vec![3, 2, 3, 3], true, cfg(1, 0, 1, 1), (0, 0)),
-        (vec![2, 4, 3, 4], vec![4, 3, 3, 3], true, cfg(2, 1, 1, 2), (1, 1)),
+    type Case = (Vec<usize>, Vec<usize>, bool, Cfg, (usize, usize));
+    let cases: Vec<Case> = vec![
+        (
+            vec![2, 3, 4, 5],
+            vec![3, 2, 3, 3],
+            true,
+            cfg(1, 0, 1, 1),
+            (0, 0),
+        ),
+        (
+            vec![2, 4, 3, 4],
+            vec![4, 3, 3, 3],
+            true,
+            cfg(2, 1, 1, 2),
+            (1, 1),
+        ),
         (
             vec![1, 2, 5, 4],
             vec![2, 3, 2, 3],
@@ -206,7 +221,13 @@ fn conv_transpose2d_matches_reference() -> Result<()> {
             },
             (2, 1),
         ),
-        (vec![9, 4, 3, 3], vec![4, 2, 1, 1], true, cfg(1, 0, 1, 1), (0, 0)),
+        (
+            vec![9, 4, 3, 3],
+            vec![4, 2, 1, 1],
+            true,
+            cfg(1, 0, 1, 1),
+            (0, 0),
+        ),
     ];
     for (i, (xd, wd, with_bias, c, op)) in cases.into_iter().enumerate() {
         let x = randn(&xd, 40 + i as u64);
@@ -259,14 +280,20 @@ fn pooling_hand_computed() -> Result<()> {
     // ceil_mode adds the partial windows on the right and bottom.
     let (v, i) = x.max_pool2d_with_indices((2, 2), (2, 2), (0, 0), (1, 1), true)?;
     assert_eq!(v.dims(), &[1, 1, 3, 3]);
-    assert_eq!(v.to_vec::<f32>()?, vec![6., 8., 9., 16., 18., 19., 21., 23., 24.]);
+    assert_eq!(
+        v.to_vec::<f32>()?,
+        vec![6., 8., 9., 16., 18., 19., 21., 23., 24.]
+    );
     assert_eq!(i.dtype(), DType::I64);
     assert_eq!(i.to_vec::<i64>()?, vec![6, 8, 9, 16, 18, 19, 21, 23, 24]);
     // Padding counts as -inf, even below negative values; dilation 2 skips a pixel.
     let neg = x.neg()?;
     let v = neg.max_pool2d((3, 3), (2, 2), (1, 1), (1, 1), false)?;
     // Windows start at rows/cols 0, 1, 3 (clipped by the padding): each max is its first.
-    assert_eq!(v.to_vec::<f32>()?, vec![0., -1., -3., -5., -6., -8., -15., -16., -18.]);
+    assert_eq!(
+        v.to_vec::<f32>()?,
+        vec![0., -1., -3., -5., -6., -8., -15., -16., -18.]
+    );
     let (v, i) = x.max_pool2d_with_indices((2, 2), (1, 1), (0, 0), (2, 2), false)?;
     assert_eq!(v.dims(), &[1, 1, 3, 3]);
     assert_eq!(i.to_vec::<i64>()?, vec![12, 13, 14, 17, 18, 19, 22, 23, 24]);
@@ -276,7 +303,11 @@ fn pooling_hand_computed() -> Result<()> {
     assert_eq!(v.to_vec::<f32>()?, vec![2.5, 4.5, 10.5, 12.5]);
     let x = x.to_dtype(DType::F64)?;
     let v = x.avg_pool2d((3, 3), (2, 2), (1, 1), false, true)?;
-    assert_close(&v.to_vec::<f64>()?, &[10. / 9., 24. / 9., 51. / 9., 10.], 1e-12);
+    assert_close(
+        &v.to_vec::<f64>()?,
+        &[10. / 9., 24. / 9., 51. / 9., 10.],
+        1e-12,
+    );
     let v = x.avg_pool2d((3, 3), (2, 2), (1, 1), false, false)?;
     assert_close(&v.to_vec::<f64>()?, &[2.5, 4., 8.5, 10.], 1e-12);
     // ceil_mode, kernel 3 stride 2 on 4: ceil((4 - 3) / 2) + 1 = 2 windows instead of 1; the
@@ -297,7 +328,10 @@ fn pooling_hand_computed() -> Result<()> {
     assert_eq!(v.to_vec::<f64>()?, vec![1., 1., 1., 2., 2.]);
     let v = x.interpolate_nearest((3.0, 2.0))?;
     assert_eq!(v.dims(), &[1, 1, 3, 4]);
-    assert_eq!(v.to_vec::<f64>()?, vec![1., 1., 2., 2., 1., 1., 2., 2., 1., 1., 2., 2.]);
+    assert_eq!(
+        v.to_vec::<f64>()?,
+        vec![1., 1., 2., 2., 1., 1., 2., 2., 1., 1., 2., 2.]
+    );
     Ok(())
 }
 
@@ -376,16 +410,28 @@ fn gradcheck_conv_transpose2d() -> Result<()> {
     )?;
     let x = randn(&[2, 3, 5], 155);
     let w = randn(&[3, 2, 3], 156);
-    gradcheck(|t| t[0].conv_transpose1d(&t[1], None, 2, 1, 1, 1, 1), &[x, w])
+    gradcheck(
+        |t| t[0].conv_transpose1d(&t[1], None, 2, 1, 1, 1, 1),
+        &[x, w],
+    )
 }
 
 #[test]
 fn gradcheck_max_pool2d() -> Result<()> {
     let x = randn(&[2, 3, 7, 6], 160);
-    gradcheck(|t| t[0].max_pool2d((2, 2), (2, 2), (0, 0), (1, 1), false), &[x.clone()])?;
+    gradcheck(
+        |t| t[0].max_pool2d((2, 2), (2, 2), (0, 0), (1, 1), false),
+        std::slice::from_ref(&x),
+    )?;
     // Overlapping windows, padding, ceil_mode, dilation.
-    gradcheck(|t| t[0].max_pool2d((3, 3), (2, 2), (1, 1), (1, 1), true), &[x.clone()])?;
-    gradcheck(|t| t[0].max_pool2d((2, 3), (1, 2), (1, 1), (2, 1), false), &[x])
+    gradcheck(
+        |t| t[0].max_pool2d((3, 3), (2, 2), (1, 1), (1, 1), true),
+        std::slice::from_ref(&x),
+    )?;
+    gradcheck(
+        |t| t[0].max_pool2d((2, 3), (1, 2), (1, 1), (2, 1), false),
+        &[x],
+    )
 }
 
 #[test]
@@ -395,7 +441,7 @@ fn gradcheck_avg_pool2d() -> Result<()> {
         for ceil_mode in [false, true] {
             gradcheck(
                 |t| t[0].avg_pool2d((3, 2), (2, 2), (1, 1), ceil_mode, include_pad),
-                &[x.clone()],
+                std::slice::from_ref(&x),
             )?;
         }
     }
@@ -405,10 +451,22 @@ fn gradcheck_avg_pool2d() -> Result<()> {
 #[test]
 fn gradcheck_adaptive_and_upsample() -> Result<()> {
     let x = randn(&[2, 2, 5, 7], 180);
-    gradcheck(|t| t[0].adaptive_avg_pool2d((3, 4)), &[x.clone()])?;
-    gradcheck(|t| t[0].adaptive_avg_pool2d((7, 9)), &[x.clone()])?;
-    gradcheck(|t| t[0].upsample_nearest2d((8, 14)), &[x.clone()])?;
-    gradcheck(|t| t[0].upsample_nearest2d((3, 4)), &[x.clone()])?;
+    gradcheck(
+        |t| t[0].adaptive_avg_pool2d((3, 4)),
+        std::slice::from_ref(&x),
+    )?;
+    gradcheck(
+        |t| t[0].adaptive_avg_pool2d((7, 9)),
+        std::slice::from_ref(&x),
+    )?;
+    gradcheck(
+        |t| t[0].upsample_nearest2d((8, 14)),
+        std::slice::from_ref(&x),
+    )?;
+    gradcheck(
+        |t| t[0].upsample_nearest2d((3, 4)),
+        std::slice::from_ref(&x),
+    )?;
     gradcheck(|t| t[0].interpolate_nearest((2.0, 1.5)), &[x])
 }
 
@@ -426,7 +484,11 @@ fn large_pool_parallel_paths() -> Result<()> {
     assert_eq!(yp.to_f64_vec(), y.narrow(0, 3, 1)?.to_f64_vec());
     yp.sum()?.add(&ap.sum()?)?.backward()?;
     let plane = 16 * 12 * 12;
-    assert_close(&part.grad().unwrap().to_f64_vec(), &g[3 * plane..4 * plane], 1e-12);
+    assert_close(
+        &part.grad().unwrap().to_f64_vec(),
+        &g[3 * plane..4 * plane],
+        1e-12,
+    );
     Ok(())
 }
 
@@ -437,14 +499,26 @@ fn conv2d_batch_parallel_gradients_match_per_sample() -> Result<()> {
     let x = randn(&[12, 3, 8, 8], 200).requires_grad_(true);
     let w = randn(&[4, 3, 3, 3], 201).requires_grad_(true);
     let b = randn(&[4], 202).requires_grad_(true);
-    x.conv2d(&w, Some(&b), (1, 1), (1, 1), (1, 1), 1)?.square()?.sum()?.backward()?;
-    let (gw, gb) = (w.grad().unwrap().to_f64_vec(), b.grad().unwrap().to_f64_vec());
+    x.conv2d(&w, Some(&b), (1, 1), (1, 1), (1, 1), 1)?
+        .square()?
+        .sum()?
+        .backward()?;
+    let (gw, gb) = (
+        w.grad().unwrap().to_f64_vec(),
+        b.grad().unwrap().to_f64_vec(),
+    );
     let mut sw = vec![0.0; gw.len()];
     let mut sb = vec![0.0; gb.len()];
     for n in 0..12 {
-        let (w1, b1) = (w.detach().requires_grad_(true), b.detach().requires_grad_(true));
+        let (w1, b1) = (
+            w.detach().requires_grad_(true),
+            b.detach().requires_grad_(true),
+        );
         let xn = x.detach().narrow(0, n, 1)?;
-        xn.conv2d(&w1, Some(&b1), (1, 1), (1, 1), (1, 1), 1)?.square()?.sum()?.backward()?;
+        xn.conv2d(&w1, Some(&b1), (1, 1), (1, 1), (1, 1), 1)?
+            .square()?
+            .sum()?
+            .backward()?;
         for (s, v) in sw.iter_mut().zip(w1.grad().unwrap().to_f64_vec()) {
             *s += v;
         }
@@ -457,27 +531,183 @@ fn conv2d_batch_parallel_gradients_match_per_sample() -> Result<()> {
     Ok(())
 }
 
+// ------------------------------------------------------------------------ PyTorch parity
+
+/// The conv/pool cases of `tools/torch_fixtures.py` (PyTorch outputs and input gradients for a
+/// random upstream gradient, f32): `name.in{i}`, `name.out`, `name.gout`, `name.grad{i}`.
+fn torch_fixtures() -> std::collections::HashMap<String, Tensor> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ops.safetensors"
+    );
+    let bytes = std::fs::read(path).expect("fixture file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    st.tensors()
+        .into_iter()
+        .filter(|(name, _)| {
+            ["conv", "pool", "upsample"]
+                .iter()
+                .any(|k| name.contains(k))
+        })
+        .map(|(name, view)| {
+            let dims = view.shape().to_vec();
+            let t = match view.dtype() {
+                safetensors::Dtype::F32 => {
+                    let v: Vec<f32> = view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect();
+                    Tensor::from_vec(v, dims).unwrap()
+                }
+                d => panic!("unexpected fixture dtype {d:?}"),
+            };
+            (name, t)
+        })
+        .collect()
+}
+
+#[test]
+fn torch_parity() -> Result<()> {
+    type Op = fn(&[Tensor]) -> Result<Tensor>;
+    let cases: [(&str, Op); 10] = [
+        ("conv2d", |t| {
+            t[0].conv2d(&t[1], Some(&t[2]), (2, 2), (1, 1), (1, 1), 2)
+        }),
+        ("conv2d_dil", |t| {
+            t[0].conv2d(&t[1], None, (1, 1), (2, 2), (2, 2), 1)
+        }),
+        ("conv1d", |t| t[0].conv1d(&t[1], Some(&t[2]), 1, 1, 1, 1)),
+        ("conv_transpose2d", |t| {
+            t[0].conv_transpose2d(&t[1], Some(&t[2]), (2, 2), (1, 1), (1, 1), (1, 1), 1)
+        }),
+        ("max_pool2d", |t| {
+            t[0].max_pool2d((2, 2), (2, 2), (0, 0), (1, 1), false)
+        }),
+        ("max_pool2d_pad", |t| {
+            t[0].max_pool2d((3, 3), (2, 2), (1, 1), (1, 1), true)
+        }),
+        ("avg_pool2d", |t| {
+            t[0].avg_pool2d((3, 3), (2, 2), (1, 1), false, false)
+        }),
+        ("adaptive_avg_pool2d", |t| t[0].adaptive_avg_pool2d((3, 2))),
+        ("upsample_nearest", |t| t[0].upsample_nearest2d((5, 7))),
+        ("upsample_nearest", |t| {
+            t[0].interpolate_nearest((5.0 / 3.0, 7.0 / 4.0))
+        }),
+    ];
+    let fx = torch_fixtures();
+    let close = |case: &str, what: &str, got: &Tensor, want: &Tensor| {
+        assert_eq!(got.dims(), want.dims(), "{case} {what}");
+        for (i, (a, b)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                "{case} {what} [{i}]: {a} vs {b}"
+            );
+        }
+    };
+    for (case, f) in cases {
+        let inputs: Vec<Tensor> = (0..)
+            .map_while(|i| fx.get(&format!("{case}.in{i}")))
+            .map(|t| t.detach().requires_grad_(true))
+            .collect();
+        assert!(!inputs.is_empty(), "no fixture for {case}");
+        let out = f(&inputs)?;
+        close(case, "output", &out, &fx[&format!("{case}.out")]);
+        out.backward_with(&fx[&format!("{case}.gout")])?;
+        for (i, x) in inputs.iter().enumerate() {
+            let want = &fx[&format!("{case}.grad{i}")];
+            close(case, &format!("grad {i}"), &x.grad().unwrap(), want);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn partial_requires_grad() -> Result<()> {
+    // Only the weight (first layer of a network), only the input, only the bias.
+    let x = randn(&[3, 2, 6, 6], 210);
+    let w = randn(&[4, 2, 3, 3], 211);
+    let b = randn(&[4], 212);
+    let run = |rx: bool, rw: bool, rb: bool| -> Result<[Option<Vec<f64>>; 3]> {
+        let (x, w, b) = (
+            x.detach().requires_grad_(rx),
+            w.detach().requires_grad_(rw),
+            b.detach().requires_grad_(rb),
+        );
+        let y = x.conv2d(&w, Some(&b), (2, 1), (1, 1), (1, 1), 1)?;
+        y.square()?.sum()?.backward()?;
+        Ok([x.grad(), w.grad(), b.grad()].map(|g| g.map(|g| g.to_f64_vec())))
+    };
+    let all = run(true, true, true)?;
+    for mask in [
+        (false, true, false),
+        (true, false, false),
+        (false, false, true),
+    ] {
+        let got = run(mask.0, mask.1, mask.2)?;
+        for (k, want) in [mask.0, mask.1, mask.2].into_iter().enumerate() {
+            match (&got[k], want) {
+                (Some(g), true) => assert_close(g, all[k].as_ref().unwrap(), 1e-12),
+                (None, false) => {}
+                _ => panic!("gradient {k} presence wrong for {mask:?}"),
+            }
+        }
+    }
+    // Same for the transposed convolution.
+    let w = randn(&[2, 3, 3, 3], 213);
+    let xt = x.detach();
+    let wt = w.detach().requires_grad_(true);
+    xt.conv_transpose2d(&wt, None, (2, 2), (1, 1), (1, 1), (1, 1), 1)?
+        .sum()?
+        .backward()?;
+    let xa = x.detach().requires_grad_(true);
+    let wa = w.detach().requires_grad_(true);
+    xa.conv_transpose2d(&wa, None, (2, 2), (1, 1), (1, 1), (1, 1), 1)?
+        .sum()?
+        .backward()?;
+    assert!(xt.grad().is_none());
+    assert_close(
+        &wt.grad().unwrap().to_f64_vec(),
+        &wa.grad().unwrap().to_f64_vec(),
+        1e-12,
+    );
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------- errors
 
 #[test]
 fn errors_name_op_and_shapes() {
     let x = Tensor::zeros([1, 3, 5, 5]);
     let w = Tensor::zeros([4, 2, 3, 3]);
-    let e = x.conv2d(&w, None, (1, 1), (0, 0), (1, 1), 1).unwrap_err().to_string();
+    let e = x
+        .conv2d(&w, None, (1, 1), (0, 0), (1, 1), 1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("conv2d"), "{e}");
-    assert!(e.contains("[1, 3, 5, 5]") && e.contains("[4, 2, 3, 3]"), "{e}");
+    assert!(
+        e.contains("[1, 3, 5, 5]") && e.contains("[4, 2, 3, 3]"),
+        "{e}"
+    );
 
     let e = Tensor::zeros([2, 3, 7])
         .conv1d(&Tensor::zeros([4, 2, 3]), None, 1, 0, 1, 1)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("conv1d") && e.contains("[2, 3, 7]") && e.contains("[4, 2, 3]"), "{e}");
+    assert!(
+        e.contains("conv1d") && e.contains("[2, 3, 7]") && e.contains("[4, 2, 3]"),
+        "{e}"
+    );
 
     let e = x
         .conv_transpose2d(&w, None, (1, 1), (0, 0), (0, 0), (1, 1), 1)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("conv_transpose2d") && e.contains("[4, 2, 3, 3]"), "{e}");
+    assert!(
+        e.contains("conv_transpose2d") && e.contains("[4, 2, 3, 3]"),
+        "{e}"
+    );
 
     // Bias of the wrong length, kernel larger than the input, bad rank, bad groups.
     let w = Tensor::zeros([4, 3, 3, 3]);
@@ -487,7 +717,14 @@ fn errors_name_op_and_shapes() {
         .to_string();
     assert!(e.contains("conv2d") && e.contains("[3]"), "{e}");
     let e = x
-        .conv2d(&Tensor::zeros([4, 3, 7, 7]), None, (1, 1), (0, 0), (1, 1), 1)
+        .conv2d(
+            &Tensor::zeros([4, 3, 7, 7]),
+            None,
+            (1, 1),
+            (0, 0),
+            (1, 1),
+            1,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("conv2d") && e.contains("[1, 3, 5, 5]"), "{e}");
@@ -499,20 +736,40 @@ fn errors_name_op_and_shapes() {
     assert!(x.conv2d(&w, None, (1, 1), (0, 0), (1, 1), 2).is_err());
     assert!(x.conv2d(&w, None, (0, 1), (0, 0), (1, 1), 1).is_err());
     assert!(x
-        .conv_transpose2d(&Tensor::zeros([3, 2, 3, 3]), None, (1, 1), (0, 0), (1, 1), (1, 1), 1)
+        .conv_transpose2d(
+            &Tensor::zeros([3, 2, 3, 3]),
+            None,
+            (1, 1),
+            (0, 0),
+            (1, 1),
+            (1, 1),
+            1
+        )
         .is_err());
     // Mixed dtypes, integer dtypes.
-    let e = x.to_dtype(DType::F64).unwrap().conv2d(&w, None, (1, 1), (0, 0), (1, 1), 1);
+    let e = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .conv2d(&w, None, (1, 1), (0, 0), (1, 1), 1);
     assert!(e.unwrap_err().to_string().contains("conv2d"));
     let xi = x.to_dtype(DType::I64).unwrap();
     let wi = w.to_dtype(DType::I64).unwrap();
     assert!(xi.conv2d(&wi, None, (1, 1), (0, 0), (1, 1), 1).is_err());
 
     // Pools.
-    let e = x.max_pool2d((3, 3), (1, 1), (2, 2), (1, 1), false).unwrap_err().to_string();
+    let e = x
+        .max_pool2d((3, 3), (1, 1), (2, 2), (1, 1), false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("max_pool2d"), "{e}");
-    let e = x.max_pool2d((7, 7), (1, 1), (0, 0), (1, 1), false).unwrap_err().to_string();
-    assert!(e.contains("max_pool2d") && e.contains("[1, 3, 5, 5]"), "{e}");
+    let e = x
+        .max_pool2d((7, 7), (1, 1), (0, 0), (1, 1), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("max_pool2d") && e.contains("[1, 3, 5, 5]"),
+        "{e}"
+    );
     let e = Tensor::zeros([5, 5]).avg_pool2d((2, 2), (2, 2), (0, 0), false, true);
     assert!(e.unwrap_err().to_string().contains("avg_pool2d"));
     assert!(x.adaptive_avg_pool2d((0, 2)).is_err());

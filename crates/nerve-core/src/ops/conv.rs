@@ -836,8 +836,12 @@ fn pool_geom(
         ));
     }
     let d = x.dims();
-    let ho = pool_len(op, d, d[2], kernel.0, stride.0, padding.0, dilation.0, ceil_mode)?;
-    let wo = pool_len(op, d, d[3], kernel.1, stride.1, padding.1, dilation.1, ceil_mode)?;
+    let ho = pool_len(
+        op, d, d[2], kernel.0, stride.0, padding.0, dilation.0, ceil_mode,
+    )?;
+    let wo = pool_len(
+        op, d, d[3], kernel.1, stride.1, padding.1, dilation.1, ceil_mode,
+    )?;
     Ok(Pool {
         planes: d[0] * d[1],
         h: d[2],
@@ -1100,7 +1104,15 @@ impl Tensor {
             groups,
             None,
         )?;
-        conv_run(OP, &self.unsqueeze(2)?, &weight.unsqueeze(2)?, bias, g, false)?.squeeze(2)
+        conv_run(
+            OP,
+            &self.unsqueeze(2)?,
+            &weight.unsqueeze(2)?,
+            bias,
+            g,
+            false,
+        )?
+        .squeeze(2)
     }
 
     /// 2-D transposed convolution (PyTorch's `conv_transpose2d`, the gradient of `conv2d`
@@ -1164,7 +1176,15 @@ impl Tensor {
             groups,
             Some((0, output_padding)),
         )?;
-        conv_run(OP, &self.unsqueeze(2)?, &weight.unsqueeze(2)?, bias, g, true)?.squeeze(2)
+        conv_run(
+            OP,
+            &self.unsqueeze(2)?,
+            &weight.unsqueeze(2)?,
+            bias,
+            g,
+            true,
+        )?
+        .squeeze(2)
     }
 
     /// 2-D max pooling (PyTorch's `max_pool2d`) of an input `[N, C, H, W]`; padding counts as
@@ -1254,7 +1274,11 @@ impl Tensor {
         check_positive(OP, "output size", output_size)?;
         let d = self.dims();
         if d[2] == 0 || d[3] == 0 {
-            return Err(Error::bad_shape(OP, d, "input height and width must be positive"));
+            return Err(Error::bad_shape(
+                OP,
+                d,
+                "input height and width must be positive",
+            ));
         }
         let plan = AvgPlan {
             planes: d[0] * d[1],

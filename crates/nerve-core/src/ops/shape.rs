@@ -291,6 +291,28 @@ impl Tensor {
             .with_grad("contiguous", &[self], |g| Ok(vec![Some(g.clone())])))
     }
 
+    /// A copy with its own contiguous storage (PyTorch's `clone()`; Rust's `clone()` of a
+    /// `Tensor` shares the data). Differentiable.
+    pub fn copy(&self) -> Result<Tensor> {
+        let data = any_dispatch!(self.dtype(), T => T::into_storage(
+            self.read::<T, _>(|s, l| match l.contiguous_range() {
+                Some(r) => s[r].to_vec(),
+                None => unary(s, l, Cost::Cheap, |x: T| x),
+            })
+        ));
+        Ok(Tensor::from_storage(data, self.dims())
+            .with_grad("copy", &[self], |g| Ok(vec![Some(g.clone())])))
+    }
+
+    /// Whether this tensor is contiguous, covers its whole storage and no other tensor
+    /// object shares that storage.
+    pub(crate) fn owns_storage_alone(&self) -> bool {
+        self.is_contiguous()
+            && self.0.layout.offset() == 0
+            && std::sync::Arc::strong_count(&self.0.storage) == 1
+            && self.0.storage.read().len() == self.numel()
+    }
+
     /// Convert to another dtype (differentiable between float types).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
