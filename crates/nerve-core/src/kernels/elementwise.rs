@@ -33,12 +33,18 @@ pub fn fill<U: Send>(out: &mut [U], cost: Cost, body: impl Fn(&mut [U], usize) +
     if n >= cost.min_parallel() && num_threads() > 1 {
         let chunk = chunk_len(n, cost.min_parallel() / 2);
         install(|| {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, c)| with_simd(|| body(c, i * chunk)))
+            out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| {
+                with_simd(
+                    #[inline(always)]
+                    || body(c, i * chunk),
+                )
+            })
         });
     } else {
-        with_simd(|| body(out, 0));
+        with_simd(
+            #[inline(always)]
+            || body(out, 0),
+        );
     }
 }
 
@@ -53,20 +59,30 @@ pub fn unary<T: Element, U: Element>(
     let mut out = vec![U::ZERO; l.numel()];
     let runs = Runs::new(l.dims(), [(l.strides(), l.offset())]);
     let [s] = runs.inner_strides();
-    fill(&mut out, cost, |chunk, start| {
-        runs.for_each(start, start + chunk.len(), |pos, len, [o]| {
-            let dst = &mut chunk[pos - start..pos - start + len];
-            if s == 1 {
-                for (d, &x) in dst.iter_mut().zip(&src[o..o + len]) {
-                    *d = f(x);
-                }
-            } else {
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = f(src[o + i * s]);
-                }
-            }
-        })
-    });
+    fill(
+        &mut out,
+        cost,
+        #[inline(always)]
+        |chunk, start| {
+            runs.for_each(
+                start,
+                start + chunk.len(),
+                #[inline(always)]
+                |pos, len, [o]| {
+                    let dst = &mut chunk[pos - start..pos - start + len];
+                    if s == 1 {
+                        for (d, &x) in dst.iter_mut().zip(&src[o..o + len]) {
+                            *d = f(x);
+                        }
+                    } else {
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = f(src[o + i * s]);
+                        }
+                    }
+                },
+            )
+        },
+    );
     out
 }
 
@@ -88,36 +104,47 @@ pub fn binary<T: Element, V: Element, U: Element>(
         [(la.strides(), la.offset()), (lb.strides(), lb.offset())],
     );
     let [sa, sb] = runs.inner_strides();
-    fill(&mut out, cost, |chunk, start| {
-        runs.for_each(start, start + chunk.len(), |pos, len, [oa, ob]| {
-            let dst = &mut chunk[pos - start..pos - start + len];
-            match (sa, sb) {
-                (1, 1) => {
-                    for ((d, &x), &y) in dst.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len])
-                    {
-                        *d = f(x, y);
+    fill(
+        &mut out,
+        cost,
+        #[inline(always)]
+        |chunk, start| {
+            runs.for_each(
+                start,
+                start + chunk.len(),
+                #[inline(always)]
+                |pos, len, [oa, ob]| {
+                    let dst = &mut chunk[pos - start..pos - start + len];
+                    match (sa, sb) {
+                        (1, 1) => {
+                            for ((d, &x), &y) in
+                                dst.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len])
+                            {
+                                *d = f(x, y);
+                            }
+                        }
+                        (1, 0) => {
+                            let y = b[ob];
+                            for (d, &x) in dst.iter_mut().zip(&a[oa..oa + len]) {
+                                *d = f(x, y);
+                            }
+                        }
+                        (0, 1) => {
+                            let x = a[oa];
+                            for (d, &y) in dst.iter_mut().zip(&b[ob..ob + len]) {
+                                *d = f(x, y);
+                            }
+                        }
+                        _ => {
+                            for (i, d) in dst.iter_mut().enumerate() {
+                                *d = f(a[oa + i * sa], b[ob + i * sb]);
+                            }
+                        }
                     }
-                }
-                (1, 0) => {
-                    let y = b[ob];
-                    for (d, &x) in dst.iter_mut().zip(&a[oa..oa + len]) {
-                        *d = f(x, y);
-                    }
-                }
-                (0, 1) => {
-                    let x = a[oa];
-                    for (d, &y) in dst.iter_mut().zip(&b[ob..ob + len]) {
-                        *d = f(x, y);
-                    }
-                }
-                _ => {
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = f(a[oa + i * sa], b[ob + i * sb]);
-                    }
-                }
-            }
-        })
-    });
+                },
+            )
+        },
+    );
     out
 }
 
@@ -143,20 +170,30 @@ pub fn ternary<A: Element, B: Element, C: Element, U: Element>(
         ],
     );
     let [sa, sb, sc] = runs.inner_strides();
-    fill(&mut out, Cost::Transcendental, |chunk, start| {
-        runs.for_each(start, start + chunk.len(), |pos, len, [oa, ob, oc]| {
-            let dst = &mut chunk[pos - start..pos - start + len];
-            if (sa, sb, sc) == (1, 1, 1) {
-                let (a, b, c) = (&a[oa..oa + len], &b[ob..ob + len], &c[oc..oc + len]);
-                for i in 0..len {
-                    dst[i] = f(a[i], b[i], c[i]);
-                }
-            } else {
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = f(a[oa + i * sa], b[ob + i * sb], c[oc + i * sc]);
-                }
-            }
-        })
-    });
+    fill(
+        &mut out,
+        Cost::Transcendental,
+        #[inline(always)]
+        |chunk, start| {
+            runs.for_each(
+                start,
+                start + chunk.len(),
+                #[inline(always)]
+                |pos, len, [oa, ob, oc]| {
+                    let dst = &mut chunk[pos - start..pos - start + len];
+                    if (sa, sb, sc) == (1, 1, 1) {
+                        let (a, b, c) = (&a[oa..oa + len], &b[ob..ob + len], &c[oc..oc + len]);
+                        for i in 0..len {
+                            dst[i] = f(a[i], b[i], c[i]);
+                        }
+                    } else {
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = f(a[oa + i * sa], b[ob + i * sb], c[oc + i * sc]);
+                        }
+                    }
+                },
+            )
+        },
+    );
     out
 }

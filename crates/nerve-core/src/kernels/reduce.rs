@@ -98,15 +98,23 @@ pub fn rows<T: Sync, U: Send>(
             (0..rows)
                 .into_par_iter()
                 .with_min_len((PAR_ELEMWISE_MIN / row_len.max(1)).max(1))
-                .map(|r| with_simd(|| f(&src[r * row_len..(r + 1) * row_len])))
+                .map(|r| {
+                    with_simd(
+                        #[inline(always)]
+                        || f(&src[r * row_len..(r + 1) * row_len]),
+                    )
+                })
                 .collect()
         })
     } else {
-        with_simd(|| {
-            (0..rows)
-                .map(|r| f(&src[r * row_len..(r + 1) * row_len]))
-                .collect()
-        })
+        with_simd(
+            #[inline(always)]
+            || {
+                (0..rows)
+                    .map(|r| f(&src[r * row_len..(r + 1) * row_len]))
+                    .collect()
+            },
+        )
     }
 }
 
@@ -129,35 +137,44 @@ pub fn rows_into<T: Sync, U: Send>(
             out.par_chunks_mut(rows_per * row_len)
                 .zip(src.par_chunks(rows_per * row_len))
                 .for_each(|(o, s)| {
-                    with_simd(|| {
-                        for (orow, srow) in o.chunks_mut(row_len).zip(s.chunks(row_len)) {
-                            f(srow, orow)
-                        }
-                    })
+                    with_simd(
+                        #[inline(always)]
+                        || {
+                            for (orow, srow) in o.chunks_mut(row_len).zip(s.chunks(row_len)) {
+                                f(srow, orow)
+                            }
+                        },
+                    )
                 })
         });
     } else {
-        with_simd(|| {
-            for (orow, srow) in out.chunks_mut(row_len).zip(src.chunks(row_len)) {
-                f(srow, orow)
-            }
-        })
+        with_simd(
+            #[inline(always)]
+            || {
+                for (orow, srow) in out.chunks_mut(row_len).zip(src.chunks(row_len)) {
+                    f(srow, orow)
+                }
+            },
+        )
     }
 }
 
 /// Sum over the leading dimension of a contiguous `outer × inner` block: `out[j] = Σ_i x[i, j]`.
 pub fn sum_cols<T: Float>(src: &[T], outer: usize, inner: usize) -> Vec<T> {
     let work = |cols: std::ops::Range<usize>| -> Vec<T> {
-        with_simd(|| {
-            let mut acc = vec![T::ZERO; cols.len()];
-            for i in 0..outer {
-                let row = &src[i * inner + cols.start..i * inner + cols.end];
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v;
+        with_simd(
+            #[inline(always)]
+            || {
+                let mut acc = vec![T::ZERO; cols.len()];
+                for i in 0..outer {
+                    let row = &src[i * inner + cols.start..i * inner + cols.end];
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
                 }
-            }
-            acc
-        })
+                acc
+            },
+        )
     };
     if outer * inner >= PAR_ELEMWISE_MIN && inner >= 64 && num_threads() > 1 {
         let parts = num_threads().min(inner / 32).max(1);
@@ -174,15 +191,44 @@ pub fn sum_cols<T: Float>(src: &[T], outer: usize, inner: usize) -> Vec<T> {
     }
 }
 
+/// `out[i] = e^(x[i] - m)`, returning the sum of `out` (one pass, 16 accumulators).
+#[inline(always)]
+pub fn exp_sub_sum<T: Float>(x: &[T], m: T, out: &mut [T]) -> T {
+    let n = x.len().min(out.len());
+    let (x, out) = (&x[..n], &mut out[..n]);
+    let main = n - n % LANES;
+    let mut acc = [T::ZERO; LANES];
+    for (cx, co) in x[..main]
+        .chunks_exact(LANES)
+        .zip(out[..main].chunks_exact_mut(LANES))
+    {
+        for i in 0..LANES {
+            let e = (cx[i] - m).exp();
+            co[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut s = T::ZERO;
+    for i in main..n {
+        let e = (x[i] - m).exp();
+        out[i] = e;
+        s += e;
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0] + s
+}
+
 /// Numerically stable softmax of one row.
 #[inline(always)]
 pub fn softmax_row<T: Float>(x: &[T], out: &mut [T]) {
     let m = max(x);
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - m).exp();
-    }
-    let s = sum(out);
-    let inv = T::ONE / s;
+    let inv = T::ONE / exp_sub_sum(x, m, out);
     for o in out.iter_mut() {
         *o *= inv;
     }
@@ -192,10 +238,7 @@ pub fn softmax_row<T: Float>(x: &[T], out: &mut [T]) {
 #[inline(always)]
 pub fn log_softmax_row<T: Float>(x: &[T], out: &mut [T]) {
     let m = max(x);
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - m).exp();
-    }
-    let lse = sum(out).ln() + m;
+    let lse = exp_sub_sum(x, m, out).ln() + m;
     for (o, &v) in out.iter_mut().zip(x) {
         *o = v - lse;
     }

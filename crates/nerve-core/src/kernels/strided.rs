@@ -72,7 +72,7 @@ impl<const N: usize> Runs<N> {
 
     /// Call `f(pos, len, offsets)` for each run covering the linear positions `start..end`:
     /// elements `pos..pos+len` are at `offsets[k] + i * inner_strides[k]` in operand k.
-    #[inline]
+    #[inline(always)]
     pub fn for_each(&self, start: usize, end: usize, mut f: impl FnMut(usize, usize, [usize; N])) {
         if start >= end {
             return;

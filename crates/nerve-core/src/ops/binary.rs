@@ -82,7 +82,7 @@ impl Tensor {
         let (shape, la, lb) = self.broadcast_pair(rhs, F::NAME)?;
         float_dispatch!(F::NAME, self.dtype(), T => {
             let v = self.read2::<T, T, _>(rhs, |a, _, b, _| {
-                binary(a, &la, b, &lb, Cost::Cheap, move |x, y| f.f(x, y))
+                binary(a, &la, b, &lb, Cost::Cheap, #[inline(always)] move |x, y| f.f(x, y))
             });
             Ok(Tensor::from_buf(v, &shape))
         })
@@ -160,7 +160,7 @@ impl Tensor {
             let gb = rb
                 .then(|| {
                     float_dispatch!("div_backward", g.dtype(), T => g
-                        .map3::<T>(&a, &b, "div_backward", |g, a, b| -g * a / (b * b))?
+                        .map3::<T>(&a, &b, "div_backward", #[inline(always)] |g, a, b| -g * a / (b * b))?
                         .sum_to(b.dims()))
                 })
                 .transpose()?;
@@ -177,7 +177,7 @@ impl Tensor {
             float_dispatch!("pow_backward", g.dtype(), T => {
                 let ga = ra
                     .then(|| {
-                        g.map3::<T>(&a, &b, "pow_backward", |g, a, b| {
+                        g.map3::<T>(&a, &b, "pow_backward", #[inline(always)] |g, a, b| {
                             if b == T::ZERO { T::ZERO } else { g * b * a.powf(b - T::ONE) }
                         })?
                         .sum_to(a.dims())
@@ -186,7 +186,7 @@ impl Tensor {
                 let gb = rb
                     .then(|| {
                         // PyTorch: d/db a^b = a^b ln a, taken as 0 where a == 0 and b >= 0.
-                        g.map3::<T>(&a, &b, "pow_backward", |g, a, b| {
+                        g.map3::<T>(&a, &b, "pow_backward", #[inline(always)] |g, a, b| {
                             if a == T::ZERO && b >= T::ZERO { T::ZERO } else { g * a.powf(b) * a.ln() }
                         })?
                         .sum_to(b.dims())
@@ -219,10 +219,10 @@ impl Tensor {
             float_dispatch!("extremum_backward", g.dtype(), T => {
                 let wins = move |x: T, y: T| if is_max { x > y } else { x < y };
                 let half = T::from_f64(0.5);
-                let ga = g.map3::<T>(&a, &b, op, move |g, x, y| {
+                let ga = g.map3::<T>(&a, &b, op, #[inline(always)] move |g, x, y| {
                     if wins(x, y) { g } else if x == y { g * half } else { T::ZERO }
                 })?;
-                let gb = g.map3::<T>(&a, &b, op, move |g, x, y| {
+                let gb = g.map3::<T>(&a, &b, op, #[inline(always)] move |g, x, y| {
                     if wins(y, x) { g } else if x == y { g * half } else { T::ZERO }
                 })?;
                 Ok(vec![Some(ga.sum_to(a.dims())?), Some(gb.sum_to(b.dims())?)])
@@ -238,7 +238,15 @@ impl Tensor {
         macro_rules! go {
             ($T:ty, $f:expr) => {
                 self.read2::<$T, $T, _>(rhs, |a, _, b, _| {
-                    binary(a, &la, b, &lb, Cost::Cheap, |x: $T, y: $T| $f(x, y) as u8)
+                    binary(
+                        a,
+                        &la,
+                        b,
+                        &lb,
+                        Cost::Cheap,
+                        #[inline(always)]
+                        |x: $T, y: $T| $f(x, y) as u8,
+                    )
                 })
             };
         }
@@ -303,7 +311,7 @@ impl Tensor {
             let gm = self.0.storage.read();
             let m = u8::slice(&gm).expect("bool");
             let v = on_true.read2::<T, T, _>(on_false, |a, _, b, _| {
-                ternary(m, &lm, a, &la, b, &lb, |m: u8, x: T, y: T| if m != 0 { x } else { y })
+                ternary(m, &lm, a, &la, b, &lb, #[inline(always)] |m: u8, x: T, y: T| if m != 0 { x } else { y })
             });
             T::into_storage(v)
         });

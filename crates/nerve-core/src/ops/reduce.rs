@@ -87,7 +87,7 @@ impl Tensor {
                 let r = self.as_rows(&dims)?;
                 let v = r.data.read::<T, _>(|s, l| {
                     let s = &s[l.contiguous_range().expect("contiguous")];
-                    k::rows(s, r.rows, r.row_len, k::sum::<T>)
+                    k::rows(s, r.rows, r.row_len, #[inline(always)] |x: &[T]| k::sum::<T>(x))
                 });
                 Tensor::from_buf(v, &r.out_dims)
             }
@@ -168,7 +168,7 @@ impl Tensor {
         let (vals, idx) = float_dispatch!(op, self.dtype(), T => {
             let pairs: Vec<(T, i64)> = r.data.read::<T, _>(|s, l| {
                 let s = &s[l.contiguous_range().expect("contiguous")];
-                k::rows(s, r.rows, r.row_len, |row: &[T]| {
+                k::rows(s, r.rows, r.row_len, #[inline(always)] |row: &[T]| {
                     let mut best = row[0];
                     let mut bi = 0usize;
                     for (i, &v) in row.iter().enumerate().skip(1) {
@@ -251,9 +251,9 @@ impl Tensor {
             let v: Vec<T> = r.data.read::<T, _>(|s, l| {
                 let s = &s[l.contiguous_range().expect("contiguous")];
                 if is_max {
-                    k::rows(s, r.rows, r.row_len, k::max::<T>)
+                    k::rows(s, r.rows, r.row_len, #[inline(always)] |x: &[T]| k::max::<T>(x))
                 } else {
-                    k::rows(s, r.rows, r.row_len, |row: &[T]| {
+                    k::rows(s, r.rows, r.row_len, #[inline(always)] |row: &[T]| {
                         row.iter().fold(T::INFINITY, |m, &v| m.min(v))
                     })
                 }
@@ -359,9 +359,9 @@ impl Tensor {
             r.data.read::<T, _>(|s, l| {
                 let s = &s[l.contiguous_range().expect("contiguous")];
                 if log {
-                    k::rows_into(s, &mut v, r.row_len, k::log_softmax_row::<T>);
+                    k::rows_into(s, &mut v, r.row_len, #[inline(always)] |x: &[T], o: &mut [T]| k::log_softmax_row::<T>(x, o));
                 } else {
-                    k::rows_into(s, &mut v, r.row_len, k::softmax_row::<T>);
+                    k::rows_into(s, &mut v, r.row_len, #[inline(always)] |x: &[T], o: &mut [T]| k::softmax_row::<T>(x, o));
                 }
             });
             Tensor::from_buf(v, moved.dims())
@@ -403,7 +403,7 @@ impl Tensor {
             let mut v = vec![T::ZERO; r.data.numel()];
             r.data.read::<T, _>(|s, l| {
                 let s = &s[l.contiguous_range().expect("contiguous")];
-                k::rows_into(s, &mut v, r.row_len, |row: &[T], o: &mut [T]| {
+                k::rows_into(s, &mut v, r.row_len, #[inline(always)] |row: &[T], o: &mut [T]| {
                     let mut acc = T::ZERO;
                     for (o, &x) in o.iter_mut().zip(row) {
                         acc += x;

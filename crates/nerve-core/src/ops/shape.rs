@@ -285,7 +285,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         let data = any_dispatch!(self.dtype(), T => T::into_storage(
-            self.read::<T, _>(|s, l| unary(s, l, Cost::Cheap, |x: T| x))
+            self.read::<T, _>(|s, l| unary(s, l, Cost::Cheap, #[inline(always)] |x: T| x))
         ));
         Ok(Tensor::from_storage(data, self.dims())
             .with_grad("contiguous", &[self], |g| Ok(vec![Some(g.clone())])))
@@ -297,7 +297,7 @@ impl Tensor {
         let data = any_dispatch!(self.dtype(), T => T::into_storage(
             self.read::<T, _>(|s, l| match l.contiguous_range() {
                 Some(r) => s[r].to_vec(),
-                None => unary(s, l, Cost::Cheap, |x: T| x),
+                None => unary(s, l, Cost::Cheap, #[inline(always)] |x: T| x),
             })
         ));
         Ok(Tensor::from_storage(data, self.dims())
@@ -319,7 +319,15 @@ impl Tensor {
             return Ok(self.clone());
         }
         fn conv<S: Element, D: Element>(t: &Tensor) -> Vec<D> {
-            t.read::<S, _>(|s, l| unary(s, l, Cost::Cheap, |x: S| D::from_f64(x.to_f64())))
+            t.read::<S, _>(|s, l| {
+                unary(
+                    s,
+                    l,
+                    Cost::Cheap,
+                    #[inline(always)]
+                    |x: S| D::from_f64(x.to_f64()),
+                )
+            })
         }
         let data = any_dispatch!(self.dtype(), S => any_dispatch!(dtype, D => D::into_storage(conv::<S, D>(self))));
         let out = Tensor::from_storage(data, self.dims());

@@ -277,7 +277,7 @@ impl Tensor {
     /// Apply a unary function, no autodiff.
     pub(crate) fn map1<F: UnaryFn>(&self, f: F) -> Result<Tensor> {
         float_dispatch!(F::NAME, self.dtype(), T => {
-            let v = self.read::<T, _>(|s, l| unary(s, l, F::COST, move |x: T| f.f(x)));
+            let v = self.read::<T, _>(|s, l| unary(s, l, F::COST, #[inline(always)] move |x: T| f.f(x)));
             Ok(Tensor::from_buf(v, self.dims()))
         })
     }
@@ -291,7 +291,7 @@ impl Tensor {
         let (x, y) = (self.detach(), out.detach());
         Ok(out.with_grad(F::NAME, &[self], move |g| {
             float_dispatch!(F::NAME, g.dtype(), T => Ok(vec![Some(
-                g.map3::<T>(&x, &y, F::NAME, move |g, x, y| g * f.df(x, y))?,
+                g.map3::<T>(&x, &y, F::NAME, #[inline(always)] move |g, x, y| g * f.df(x, y))?,
             )]))
         }))
     }
