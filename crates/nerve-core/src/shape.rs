@@ -147,7 +147,7 @@ pub fn infer_reshape(op: &'static str, from: &[usize], to: &[isize]) -> Result<V
         }
     }
     if let Some(i) = unknown {
-        if known == 0 || numel % known != 0 {
+        if known == 0 || !numel.is_multiple_of(known) {
             return Err(Error::bad_shape(
                 op,
                 from,

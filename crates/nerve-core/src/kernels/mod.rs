@@ -47,7 +47,22 @@ pub fn simd_level() -> SimdLevel {
 }
 
 fn detect() -> SimdLevel {
-    let cap = std::env::var("NERVE_SIMD").unwrap_or_default();
+    detect_capped(&std::env::var("NERVE_SIMD").unwrap_or_default())
+}
+
+/// Override the detected level (`"plain"`, `"avx2"`, or `""` for the machine's best), so
+/// tests can run every kernel this machine supports.
+#[cfg(test)]
+pub(crate) fn set_simd_cap_for_tests(cap: &str) {
+    let code = match detect_capped(cap) {
+        SimdLevel::Plain => 1,
+        SimdLevel::Avx2 => 2,
+        SimdLevel::Avx512 => 3,
+    };
+    LEVEL.store(code, Ordering::Relaxed);
+}
+
+fn detect_capped(cap: &str) -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");

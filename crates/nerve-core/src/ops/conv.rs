@@ -372,7 +372,7 @@ fn conv_geom(
         Some(_) => w[1] * groups,
     };
     let channels_ok = match output_padding {
-        None => w[1] * groups == c && w[0] % groups == 0,
+        None => w[1] * groups == c && w[0].is_multiple_of(groups),
         Some(_) => w[0] == c && c % groups == 0,
     };
     if !channels_ok {
