@@ -58,9 +58,27 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
 
-/// Element counts above which element-wise work is split across threads (measured: below
-/// this, the fork/join costs more than it saves).
-pub const PAR_ELEMWISE_MIN: usize = 1 << 15;
+/// Default element count above which element-wise work is split across threads: below it the
+/// fork/join costs more than it saves (measured with `cargo run --release -p nerve-bench
+/// --example par_threshold`; see the README). On the 2-core reference machine a fork/join
+/// costs 10–20 µs: `add` gains from the second thread from about 2^18 elements, `gelu` from
+/// about 2^15 (hence an eighth of this for transcendental work).
+pub const PAR_ELEMWISE_MIN: usize = 1 << 18;
+
+static PAR_MIN: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(PAR_ELEMWISE_MIN);
+
+/// Element count above which cheap element-wise work goes parallel (transcendental work at an
+/// eighth of it).
+#[inline]
+pub fn par_elemwise_min() -> usize {
+    PAR_MIN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Override [`par_elemwise_min`] (for measuring the threshold on a new machine).
+pub fn set_par_elemwise_min(n: usize) {
+    PAR_MIN.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Split `n` items into at most `num_threads() * 4` chunks of at least `min_chunk` items.
 pub fn chunk_len(n: usize, min_chunk: usize) -> usize {

@@ -3,10 +3,12 @@
 use rayon::prelude::*;
 
 use super::strided::Runs;
-use super::with_simd;
+use std::mem::MaybeUninit;
+
+use super::{assume_init, uninit_buf, with_simd};
 use crate::dtype::Element;
 use crate::layout::Layout;
-use crate::threading::{chunk_len, install, num_threads, PAR_ELEMWISE_MIN};
+use crate::threading::{chunk_len, install, num_threads, par_elemwise_min};
 
 /// Relative cost of an element-wise function, which lowers the parallel threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,15 +22,19 @@ pub enum Cost {
 impl Cost {
     fn min_parallel(self) -> usize {
         match self {
-            Cost::Cheap => PAR_ELEMWISE_MIN,
-            Cost::Transcendental => PAR_ELEMWISE_MIN / 8,
+            Cost::Cheap => par_elemwise_min(),
+            Cost::Transcendental => par_elemwise_min() / 8,
         }
     }
 }
 
 /// Fill `out` by calling `body(chunk, start)` on disjoint chunks, in parallel when large.
 #[inline(always)]
-pub fn fill<U: Send>(out: &mut [U], cost: Cost, body: impl Fn(&mut [U], usize) + Sync) {
+pub fn fill<U: Send>(
+    out: &mut [MaybeUninit<U>],
+    cost: Cost,
+    body: impl Fn(&mut [MaybeUninit<U>], usize) + Sync,
+) {
     let n = out.len();
     if n >= cost.min_parallel() && num_threads() > 1 {
         let chunk = chunk_len(n, cost.min_parallel() / 2);
@@ -56,7 +62,7 @@ pub fn unary<T: Element, U: Element>(
     cost: Cost,
     f: impl Fn(T) -> U + Sync + Copy,
 ) -> Vec<U> {
-    let mut out = vec![U::ZERO; l.numel()];
+    let mut out = uninit_buf::<U>(l.numel());
     let runs = Runs::new(l.dims(), [(l.strides(), l.offset())]);
     let [s] = runs.inner_strides();
     fill(
@@ -72,18 +78,19 @@ pub fn unary<T: Element, U: Element>(
                     let dst = &mut chunk[pos - start..pos - start + len];
                     if s == 1 {
                         for (d, &x) in dst.iter_mut().zip(&src[o..o + len]) {
-                            *d = f(x);
+                            d.write(f(x));
                         }
                     } else {
                         for (i, d) in dst.iter_mut().enumerate() {
-                            *d = f(src[o + i * s]);
+                            d.write(f(src[o + i * s]));
                         }
                     }
                 },
             )
         },
     );
-    out
+    // SAFETY: the runs cover every position of the output exactly once.
+    unsafe { assume_init(out) }
 }
 
 /// `f` applied element-wise to two views of the same shape (broadcast beforehand, so strides
@@ -98,7 +105,7 @@ pub fn binary<T: Element, V: Element, U: Element>(
     f: impl Fn(T, V) -> U + Sync + Copy,
 ) -> Vec<U> {
     debug_assert_eq!(la.dims(), lb.dims());
-    let mut out = vec![U::ZERO; la.numel()];
+    let mut out = uninit_buf::<U>(la.numel());
     let runs = Runs::new(
         la.dims(),
         [(la.strides(), la.offset()), (lb.strides(), lb.offset())],
@@ -120,24 +127,24 @@ pub fn binary<T: Element, V: Element, U: Element>(
                             for ((d, &x), &y) in
                                 dst.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len])
                             {
-                                *d = f(x, y);
+                                d.write(f(x, y));
                             }
                         }
                         (1, 0) => {
                             let y = b[ob];
                             for (d, &x) in dst.iter_mut().zip(&a[oa..oa + len]) {
-                                *d = f(x, y);
+                                d.write(f(x, y));
                             }
                         }
                         (0, 1) => {
                             let x = a[oa];
                             for (d, &y) in dst.iter_mut().zip(&b[ob..ob + len]) {
-                                *d = f(x, y);
+                                d.write(f(x, y));
                             }
                         }
                         _ => {
                             for (i, d) in dst.iter_mut().enumerate() {
-                                *d = f(a[oa + i * sa], b[ob + i * sb]);
+                                d.write(f(a[oa + i * sa], b[ob + i * sb]));
                             }
                         }
                     }
@@ -145,7 +152,8 @@ pub fn binary<T: Element, V: Element, U: Element>(
             )
         },
     );
-    out
+    // SAFETY: the runs cover every position of the output exactly once.
+    unsafe { assume_init(out) }
 }
 
 /// `f` applied element-wise to three views of the same shape (e.g. `where`).
@@ -160,7 +168,7 @@ pub fn ternary<A: Element, B: Element, C: Element, U: Element>(
     lc: &Layout,
     f: impl Fn(A, B, C) -> U + Sync + Copy,
 ) -> Vec<U> {
-    let mut out = vec![U::ZERO; la.numel()];
+    let mut out = uninit_buf::<U>(la.numel());
     let runs = Runs::new(
         la.dims(),
         [
@@ -184,16 +192,17 @@ pub fn ternary<A: Element, B: Element, C: Element, U: Element>(
                     if (sa, sb, sc) == (1, 1, 1) {
                         let (a, b, c) = (&a[oa..oa + len], &b[ob..ob + len], &c[oc..oc + len]);
                         for i in 0..len {
-                            dst[i] = f(a[i], b[i], c[i]);
+                            dst[i].write(f(a[i], b[i], c[i]));
                         }
                     } else {
                         for (i, d) in dst.iter_mut().enumerate() {
-                            *d = f(a[oa + i * sa], b[ob + i * sb], c[oc + i * sc]);
+                            d.write(f(a[oa + i * sa], b[ob + i * sb], c[oc + i * sc]));
                         }
                     }
                 },
             )
         },
     );
-    out
+    // SAFETY: the runs cover every position of the output exactly once.
+    unsafe { assume_init(out) }
 }

@@ -10,7 +10,37 @@ pub mod reduce;
 pub mod strided;
 pub mod vmath;
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
+
+/// An output buffer of `n` elements that kernels write before anyone reads (no memset: for
+/// large outputs that is a tenth of a softmax).
+pub(crate) fn uninit_buf<U>(n: usize) -> Vec<MaybeUninit<U>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialisation; capacity is n.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// The buffer as initialised values.
+///
+/// # Safety
+/// Every element must have been written.
+pub(crate) unsafe fn assume_init<U>(v: Vec<MaybeUninit<U>>) -> Vec<U> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<U> has U's layout; the caller guarantees every element is set.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
+/// A written slice as initialised values.
+///
+/// # Safety
+/// Every element must have been written.
+#[inline(always)]
+pub(crate) unsafe fn assume_init_mut<U>(s: &mut [MaybeUninit<U>]) -> &mut [U] {
+    // SAFETY: as for `assume_init`.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
+}
 
 /// The widest SIMD instruction set the kernels use on this machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,9 +2,11 @@
 
 use rayon::prelude::*;
 
-use super::with_simd;
+use std::mem::MaybeUninit;
+
+use super::{assume_init_mut, with_simd};
 use crate::dtype::Float;
-use crate::threading::{install, num_threads, PAR_ELEMWISE_MIN};
+use crate::threading::{install, num_threads, par_elemwise_min};
 
 const LANES: usize = 16;
 
@@ -93,11 +95,11 @@ pub fn rows<T: Sync, U: Send>(
     row_len: usize,
     f: impl Fn(&[T]) -> U + Sync,
 ) -> Vec<U> {
-    if rows * row_len >= PAR_ELEMWISE_MIN && rows > 1 && num_threads() > 1 {
+    if rows * row_len >= par_elemwise_min() && rows > 1 && num_threads() > 1 {
         install(|| {
             (0..rows)
                 .into_par_iter()
-                .with_min_len((PAR_ELEMWISE_MIN / row_len.max(1)).max(1))
+                .with_min_len((par_elemwise_min() / row_len.max(1)).max(1))
                 .map(|r| {
                     with_simd(
                         #[inline(always)]
@@ -118,21 +120,21 @@ pub fn rows<T: Sync, U: Send>(
     }
 }
 
-/// Transform each contiguous row of `src` into the matching row of `out`, in parallel when
-/// large.
+/// Transform each contiguous row of `src` into the matching row of `out` (which `f` must
+/// write in full), in parallel when large.
 #[inline(always)]
 pub fn rows_into<T: Sync, U: Send>(
     src: &[T],
-    out: &mut [U],
+    out: &mut [MaybeUninit<U>],
     row_len: usize,
-    f: impl Fn(&[T], &mut [U]) + Sync,
+    f: impl Fn(&[T], &mut [MaybeUninit<U>]) + Sync,
 ) {
     if row_len == 0 {
         return;
     }
     let n = src.len();
-    if n >= PAR_ELEMWISE_MIN && n > row_len && num_threads() > 1 {
-        let rows_per = (PAR_ELEMWISE_MIN / row_len).max(1);
+    if n >= par_elemwise_min() && n > row_len && num_threads() > 1 {
+        let rows_per = (par_elemwise_min() / row_len).max(1);
         install(|| {
             out.par_chunks_mut(rows_per * row_len)
                 .zip(src.par_chunks(rows_per * row_len))
@@ -176,7 +178,7 @@ pub fn sum_cols<T: Float>(src: &[T], outer: usize, inner: usize) -> Vec<T> {
             },
         )
     };
-    if outer * inner >= PAR_ELEMWISE_MIN && inner >= 64 && num_threads() > 1 {
+    if outer * inner >= par_elemwise_min() && inner >= 64 && num_threads() > 1 {
         let parts = num_threads().min(inner / 32).max(1);
         let step = inner.div_ceil(parts);
         install(|| {
@@ -193,7 +195,7 @@ pub fn sum_cols<T: Float>(src: &[T], outer: usize, inner: usize) -> Vec<T> {
 
 /// `out[i] = e^(x[i] - m)`, returning the sum of `out` (one pass, 16 accumulators).
 #[inline(always)]
-pub fn exp_sub_sum<T: Float>(x: &[T], m: T, out: &mut [T]) -> T {
+pub fn exp_sub_sum<T: Float>(x: &[T], m: T, out: &mut [MaybeUninit<T>]) -> T {
     let n = x.len().min(out.len());
     let (x, out) = (&x[..n], &mut out[..n]);
     let main = n - n % LANES;
@@ -204,14 +206,14 @@ pub fn exp_sub_sum<T: Float>(x: &[T], m: T, out: &mut [T]) -> T {
     {
         for i in 0..LANES {
             let e = (cx[i] - m).exp();
-            co[i] = e;
+            co[i].write(e);
             acc[i] += e;
         }
     }
     let mut s = T::ZERO;
     for i in main..n {
         let e = (x[i] - m).exp();
-        out[i] = e;
+        out[i].write(e);
         s += e;
     }
     let mut w = LANES;
@@ -224,22 +226,26 @@ pub fn exp_sub_sum<T: Float>(x: &[T], m: T, out: &mut [T]) -> T {
     acc[0] + s
 }
 
-/// Numerically stable softmax of one row.
+/// Numerically stable softmax of one row (`out` as long as `x`).
 #[inline(always)]
-pub fn softmax_row<T: Float>(x: &[T], out: &mut [T]) {
+pub fn softmax_row<T: Float>(x: &[T], out: &mut [MaybeUninit<T>]) {
+    assert_eq!(x.len(), out.len());
     let m = max(x);
     let inv = T::ONE / exp_sub_sum(x, m, out);
+    // SAFETY: exp_sub_sum wrote every element.
+    let out = unsafe { assume_init_mut(out) };
     for o in out.iter_mut() {
         *o *= inv;
     }
 }
 
-/// Numerically stable log-softmax of one row.
+/// Numerically stable log-softmax of one row (`out` as long as `x`).
 #[inline(always)]
-pub fn log_softmax_row<T: Float>(x: &[T], out: &mut [T]) {
+pub fn log_softmax_row<T: Float>(x: &[T], out: &mut [MaybeUninit<T>]) {
+    assert_eq!(x.len(), out.len());
     let m = max(x);
     let lse = exp_sub_sum(x, m, out).ln() + m;
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = v - lse;
+        o.write(v - lse);
     }
 }

@@ -30,7 +30,7 @@ use super::float_dispatch;
 use crate::autograd::no_grad;
 use crate::dtype::{DType, Element, Float};
 use crate::kernels::gemm::{dgemm, sgemm};
-use crate::threading::{install, num_threads, PAR_ELEMWISE_MIN};
+use crate::threading::{install, num_threads, par_elemwise_min};
 use crate::{Error, Result, Tensor};
 
 // ------------------------------------------------------------------------------------- GEMM
@@ -205,7 +205,7 @@ fn for_planes<U: Send>(out: &mut [U], per: usize, work: usize, f: impl Fn(usize,
     if per == 0 {
         return;
     }
-    if work >= PAR_ELEMWISE_MIN && num_threads() > 1 {
+    if work >= par_elemwise_min() && num_threads() > 1 {
         install(|| {
             out.par_chunks_mut(per)
                 .enumerate()
@@ -898,7 +898,7 @@ fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
         }
     };
     let work = p.planes * po * p.kh * p.kw;
-    if work >= PAR_ELEMWISE_MIN && num_threads() > 1 {
+    if work >= par_elemwise_min() && num_threads() > 1 {
         install(|| {
             out.par_chunks_mut(po)
                 .zip(idx.par_chunks_mut(po))

@@ -1,8 +1,11 @@
 //! Reductions over any set of dimensions (with keepdim), softmax, log_softmax and cumsum.
 
+use std::mem::MaybeUninit;
+
 use super::float_dispatch;
 use crate::dtype::Element;
 use crate::kernels::reduce as k;
+use crate::kernels::{assume_init, uninit_buf};
 use crate::shape::{normalize_dim, normalize_dims};
 use crate::{Error, Result, Tensor};
 
@@ -355,16 +358,21 @@ impl Tensor {
         };
         let r = moved.as_rows(&[last])?;
         let out = float_dispatch!(op, self.dtype(), T => {
-            let mut v = vec![T::ZERO; r.data.numel()];
+            let mut v = uninit_buf::<T>(r.data.numel());
             r.data.read::<T, _>(|s, l| {
                 let s = &s[l.contiguous_range().expect("contiguous")];
                 if log {
-                    k::rows_into(s, &mut v, r.row_len, #[inline(always)] |x: &[T], o: &mut [T]| k::log_softmax_row::<T>(x, o));
+                    k::rows_into(s, &mut v, r.row_len, #[inline(always)] |x: &[T], o: &mut [MaybeUninit<T>]| {
+                        k::log_softmax_row::<T>(x, o)
+                    });
                 } else {
-                    k::rows_into(s, &mut v, r.row_len, #[inline(always)] |x: &[T], o: &mut [T]| k::softmax_row::<T>(x, o));
+                    k::rows_into(s, &mut v, r.row_len, #[inline(always)] |x: &[T], o: &mut [MaybeUninit<T>]| {
+                        k::softmax_row::<T>(x, o)
+                    });
                 }
             });
-            Tensor::from_buf(v, moved.dims())
+            // SAFETY: every row was written in full.
+            Tensor::from_buf(unsafe { assume_init(v) }, moved.dims())
         });
         let out = if d == last {
             out
@@ -400,18 +408,19 @@ impl Tensor {
         };
         let r = moved.as_rows(&[last])?;
         let out = float_dispatch!(OP, self.dtype(), T => {
-            let mut v = vec![T::ZERO; r.data.numel()];
+            let mut v = uninit_buf::<T>(r.data.numel());
             r.data.read::<T, _>(|s, l| {
                 let s = &s[l.contiguous_range().expect("contiguous")];
-                k::rows_into(s, &mut v, r.row_len, #[inline(always)] |row: &[T], o: &mut [T]| {
+                k::rows_into(s, &mut v, r.row_len, #[inline(always)] |row: &[T], o: &mut [MaybeUninit<T>]| {
                     let mut acc = T::ZERO;
                     for (o, &x) in o.iter_mut().zip(row) {
                         acc += x;
-                        *o = acc;
+                        o.write(acc);
                     }
                 });
             });
-            Tensor::from_buf(v, moved.dims())
+            // SAFETY: every row was written in full.
+            Tensor::from_buf(unsafe { assume_init(v) }, moved.dims())
         });
         let out = if d == last {
             out
