@@ -1,7 +1,9 @@
 //! Measures where element-wise work starts to gain from a second thread: times `add` (cheap)
 //! and `gelu` (transcendental) on one thread and on all threads, with the parallel threshold
 //! forced to 1, for sizes from 1 Ki to 1 Mi elements. The crossover sets
-//! `nerve_core::threading::PAR_ELEMWISE_MIN`.
+//! `nerve_core::threading::PAR_ELEMWISE_MIN`. Then square matmuls on one and all threads (the
+//! GEMM goes parallel from `nerve_core::kernels::gemm::GEMM_PAR_MIN` multiply-adds). Then square matmuls on one and all threads (the
+//! GEMM goes parallel from `nerve_core::kernels::gemm::GEMM_PAR_MIN` multiply-adds).
 //!
 //! `cargo run --release -p nerve-bench --example par_threshold`
 
@@ -51,6 +53,21 @@ fn main() -> Result<()> {
             "{n:>9} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
             row[0], row[1], row[2], row[3]
         );
+    }
+    println!(
+        "\n{:>9} {:>12} {:>12} {:>12}",
+        "matmul n", "1t us", "Nt us", "Nt GFLOP/s"
+    );
+    for n in [16, 32, 48, 64, 96, 128, 192, 256, 512] {
+        let a = Tensor::randn([n, n]);
+        let b = Tensor::randn([n, n]);
+        let mut row = Vec::new();
+        for threads in [1, all] {
+            set_num_threads(threads);
+            row.push(time_us(|| a.matmul(&b).map(drop))?);
+        }
+        let gflops = 2.0 * (n * n * n) as f64 / row[1] / 1e3;
+        println!("{n:>9} {:>12.1} {:>12.1} {gflops:>12.1}", row[0], row[1]);
     }
     Ok(())
 }

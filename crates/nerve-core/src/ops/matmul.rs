@@ -93,8 +93,9 @@ unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SendPtr<T> {}
 
-/// Products smaller than this (m·n·k) per batch item are run one per thread, batch-parallel.
-const SMALL_GEMM: usize = 96 * 96 * 96;
+/// Products smaller than this (m·n·k) per batch item, which a GEMM would run on one thread, are
+/// run one per thread, batch-parallel.
+const SMALL_GEMM: usize = crate::kernels::gemm::GEMM_PAR_MIN;
 
 impl Tensor {
     /// Matrix product with PyTorch's `matmul` rules.
@@ -167,7 +168,7 @@ impl Tensor {
                     install(|| (0..count).into_par_iter().for_each(|i| one(i, false)));
                 } else {
                     for i in 0..count {
-                        install(|| one(i, true));
+                        one(i, true);
                     }
                 }
             });

@@ -31,8 +31,10 @@ const KC_BYTES: usize = 384 * 4;
 const NC_ELEMS_F32: usize = 480;
 const MC_ELEMS_F32: usize = 3072;
 
-/// Products below this many multiply-adds (m·n·k) run on the calling thread.
-pub const GEMM_PAR_MIN: usize = 1 << 18;
+/// Products below this many multiply-adds (m·n·k) run on the calling thread. Measured with
+/// `cargo run --release -p nerve-bench --example par_threshold`: on 2 cores a 96³ product is
+/// slower on two threads than on one (23 vs 20 µs), a 128³ one faster (40 vs 46 µs).
+pub const GEMM_PAR_MIN: usize = 1 << 21;
 
 /// Element types with a GEMM.
 pub trait GemmFloat: Float {
@@ -257,6 +259,30 @@ unsafe fn gemm<T: GemmFloat>(
         1
     };
 
+    if threads > 1 && rayon::current_thread_index().is_none() {
+        // One hop into the pool for the whole product, not one per block.
+        let (a, b, c) = (Ptr(a as *mut T), Ptr(b as *mut T), Ptr(c));
+        // SAFETY: forwarded contract; `install` returns only when the product is done.
+        return install(|| unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                alpha,
+                a.get(),
+                rsa,
+                csa,
+                b.get(),
+                rsb,
+                csb,
+                beta,
+                c.get(),
+                rsc,
+                csc,
+                parallel,
+            )
+        });
+    }
     let (mut abuf, mut bbuf) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let a_pack = Ptr(buffer_for::<T>(
         &mut abuf,
