@@ -13,6 +13,22 @@ pub mod vmath;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// A raw pointer shared by the tasks of one parallel kernel, which write disjoint parts of
+/// the memory it points to and only read the rest.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `SendPtr`).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+// SAFETY: see the type's docs; the kernel call outlives every task that holds one.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+
 /// An output buffer of `n` elements that kernels write before anyone reads (no memset: for
 /// large outputs that is a tenth of a softmax).
 pub(crate) fn uninit_buf<U>(n: usize) -> Vec<MaybeUninit<U>> {

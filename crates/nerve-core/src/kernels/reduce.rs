@@ -10,6 +10,19 @@ use crate::threading::{install, num_threads, par_elemwise_min};
 
 const LANES: usize = 16;
 
+/// Pairwise sum of the accumulator lanes.
+#[inline(always)]
+fn fold_lanes<T: Float>(mut acc: [T; LANES]) -> T {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0]
+}
+
 /// Sum of a slice with 16 independent accumulators: vectorises, and its error grows far more
 /// slowly than a serial sum's.
 #[inline(always)]
@@ -26,15 +39,7 @@ pub fn sum<T: Float>(x: &[T]) -> T {
     for &r in rest {
         s += r;
     }
-    // Pairwise fold of the lanes.
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + s
+    fold_lanes(acc) + s
 }
 
 /// Dot product of two slices (same accumulation scheme as [`sum`]).
@@ -56,14 +61,7 @@ pub fn dot<T: Float>(x: &[T], y: &[T]) -> T {
     for i in main..n {
         s += x[i] * y[i];
     }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + s
+    fold_lanes(acc) + s
 }
 
 /// Largest element (NaN propagates; -inf for an empty slice).
@@ -216,14 +214,7 @@ pub fn exp_sub_sum<T: Float>(x: &[T], m: T, out: &mut [MaybeUninit<T>]) -> T {
         out[i].write(e);
         s += e;
     }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + s
+    fold_lanes(acc) + s
 }
 
 /// Numerically stable softmax of one row (`out` as long as `x`).

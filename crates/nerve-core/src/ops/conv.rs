@@ -29,18 +29,18 @@ use rayon::prelude::*;
 use super::float_dispatch;
 use crate::autograd::no_grad;
 use crate::dtype::{DType, Element, Float};
-use crate::kernels::gemm::{dgemm, sgemm};
+use crate::kernels::gemm::{gemm as gemm_raw, GemmFloat};
 use crate::threading::{install, num_threads, par_elemwise_min};
 use crate::{Error, Result, Tensor};
 
 // ------------------------------------------------------------------------------------- GEMM
 
 /// The float types the convolution kernels run on, with their GEMM.
-trait ConvFloat: Float {
+trait ConvFloat: GemmFloat {
     /// `C = A·B + beta·C` (alpha 1, `C` row-major with row stride `rsc`).
     ///
     /// # Safety
-    /// As [`sgemm`]: every element addressed through the pointers and strides for the given
+    /// As [`gemm_raw`]: every element addressed through the pointers and strides for the given
     /// sizes must be in bounds, and `c` must not alias `a` or `b`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm(
@@ -57,53 +57,31 @@ trait ConvFloat: Float {
         c: *mut Self,
         rsc: usize,
         parallel: bool,
-    );
-}
-
-macro_rules! conv_float {
-    ($t:ty, $gemm:ident) => {
-        impl ConvFloat for $t {
-            unsafe fn gemm(
-                m: usize,
-                n: usize,
-                k: usize,
-                a: *const $t,
-                rsa: usize,
-                csa: usize,
-                b: *const $t,
-                rsb: usize,
-                csb: usize,
-                beta: $t,
-                c: *mut $t,
-                rsc: usize,
-                parallel: bool,
-            ) {
-                // SAFETY: forwarded contract.
-                unsafe {
-                    $gemm(
-                        m,
-                        n,
-                        k,
-                        1.0,
-                        a,
-                        rsa as isize,
-                        csa as isize,
-                        b,
-                        rsb as isize,
-                        csb as isize,
-                        beta,
-                        c,
-                        rsc as isize,
-                        1,
-                        parallel,
-                    )
-                }
-            }
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            gemm_raw::<Self>(
+                m,
+                n,
+                k,
+                Self::ONE,
+                a,
+                rsa as isize,
+                csa as isize,
+                b,
+                rsb as isize,
+                csb as isize,
+                beta,
+                c,
+                rsc as isize,
+                1,
+                parallel,
+            )
         }
-    };
+    }
 }
-conv_float!(f32, sgemm);
-conv_float!(f64, dgemm);
+impl ConvFloat for f32 {}
+impl ConvFloat for f64 {}
 
 // ------------------------------------------------------------------------------------- helpers
 

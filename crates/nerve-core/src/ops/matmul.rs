@@ -5,93 +5,12 @@ use rayon::prelude::*;
 
 use super::float_dispatch;
 use crate::dtype::Element;
-use crate::kernels::gemm::{dgemm, sgemm};
+use crate::kernels::gemm::gemm;
 use crate::kernels::strided::Runs;
+use crate::kernels::SendPtr;
 use crate::shape::broadcast_shapes;
 use crate::threading::{install, num_threads};
 use crate::{Error, Result, Tensor};
-
-/// A GEMM over one element type.
-trait Gemm: Element {
-    /// # Safety
-    /// See [`sgemm`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const Self,
-        rsa: isize,
-        csa: isize,
-        b: *const Self,
-        rsb: isize,
-        csb: isize,
-        c: *mut Self,
-        rsc: isize,
-        parallel: bool,
-    );
-}
-
-impl Gemm for f32 {
-    unsafe fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const f32,
-        rsa: isize,
-        csa: isize,
-        b: *const f32,
-        rsb: isize,
-        csb: isize,
-        c: *mut f32,
-        rsc: isize,
-        parallel: bool,
-    ) {
-        // SAFETY: forwarded contract.
-        unsafe {
-            sgemm(
-                m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel,
-            )
-        }
-    }
-}
-
-impl Gemm for f64 {
-    unsafe fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const f64,
-        rsa: isize,
-        csa: isize,
-        b: *const f64,
-        rsb: isize,
-        csb: isize,
-        c: *mut f64,
-        rsc: isize,
-        parallel: bool,
-    ) {
-        // SAFETY: forwarded contract.
-        unsafe {
-            dgemm(
-                m, n, k, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1, parallel,
-            )
-        }
-    }
-}
-
-/// Raw pointers that may cross threads: each task writes a disjoint block of the output.
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*const T);
-impl<T> SendPtr<T> {
-    fn get(self) -> *const T {
-        self.0
-    }
-}
-// SAFETY: used only for disjoint writes / shared reads inside one matmul call.
-unsafe impl<T> Send for SendPtr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for SendPtr<T> {}
 
 /// Products smaller than this (m·n·k) per batch item, which a GEMM would run on one thread, are
 /// run one per thread, batch-parallel.
@@ -154,14 +73,14 @@ impl Tensor {
         let out = float_dispatch!(OP, self.dtype(), T => {
             let mut c = vec![<T as Element>::ZERO; count * m * n];
             self.read2::<T, T, _>(rhs, |a, _, b, _| {
-                let (pa, pb, pc) = (SendPtr(a.as_ptr()), SendPtr(b.as_ptr()), SendPtr(c.as_mut_ptr()));
+                let (pa, pb, pc) = (SendPtr(a.as_ptr() as *mut T), SendPtr(b.as_ptr() as *mut T), SendPtr(c.as_mut_ptr()));
                 let one = |i: usize, parallel: bool| {
                     let (oa, ob) = offs[i];
                     // SAFETY: offsets come from the broadcast layouts, which stay inside the
                     // storages; each batch item writes its own m×n block of `c`.
                     unsafe {
-                        T::gemm(m, n, k, pa.get().add(oa), rsa, csa, pb.get().add(ob), rsb, csb,
-                            (pc.get() as *mut T).add(i * m * n), n as isize, parallel)
+                        gemm::<T>(m, n, k, T::ONE, pa.get().add(oa), rsa, csa, pb.get().add(ob),
+                            rsb, csb, T::ZERO, pc.get().add(i * m * n), n as isize, 1, parallel)
                     }
                 };
                 if count > 1 && m * n * k < SMALL_GEMM && num_threads() > 1 {

@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use self::micro::MicroKernel;
-use super::{simd_level, SimdLevel};
+use super::{simd_level, SendPtr, SimdLevel};
 use crate::dtype::Float;
 use crate::threading::{install, num_threads};
 
@@ -178,21 +178,6 @@ pub unsafe fn dgemm(
     }
 }
 
-/// A raw pointer shared by the threads of one GEMM; each writes disjoint tiles of C and
-/// reads A, B and the packed buffers.
-#[derive(Clone, Copy)]
-struct Ptr<T>(*mut T);
-impl<T> Ptr<T> {
-    /// The pointer (a method, so closures capture the whole `Ptr`).
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-// SAFETY: see the type's docs; the GEMM call outlives every task that holds one.
-unsafe impl<T> Send for Ptr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Ptr<T> {}
-
 /// 64-byte-aligned scratch memory for packed panels.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -213,8 +198,12 @@ fn buffer_for<T>(buf: &mut Vec<Line>, len: usize) -> *mut T {
     buf.as_mut_ptr().cast()
 }
 
+/// `C = alpha · A·B + beta · C` for any [`GemmFloat`]; see [`sgemm`].
+///
+/// # Safety
+/// As [`sgemm`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: GemmFloat>(
+pub unsafe fn gemm<T: GemmFloat>(
     m: usize,
     n: usize,
     k: usize,
@@ -261,7 +250,7 @@ unsafe fn gemm<T: GemmFloat>(
 
     if threads > 1 && rayon::current_thread_index().is_none() {
         // One hop into the pool for the whole product, not one per block.
-        let (a, b, c) = (Ptr(a as *mut T), Ptr(b as *mut T), Ptr(c));
+        let (a, b, c) = (SendPtr(a as *mut T), SendPtr(b as *mut T), SendPtr(c));
         // SAFETY: forwarded contract; `install` returns only when the product is done.
         return install(|| unsafe {
             gemm(
@@ -284,15 +273,15 @@ unsafe fn gemm<T: GemmFloat>(
         });
     }
     let (mut abuf, mut bbuf) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    let a_pack = Ptr(buffer_for::<T>(
+    let a_pack = SendPtr(buffer_for::<T>(
         &mut abuf,
         mc_max.min(m.next_multiple_of(mr)) * kc_max,
     ));
-    let b_pack = Ptr(buffer_for::<T>(
+    let b_pack = SendPtr(buffer_for::<T>(
         &mut bbuf,
         nc_max.min(n.next_multiple_of(nr)) * kc_max,
     ));
-    let (a, b, c) = (Ptr(a as *mut T), Ptr(b as *mut T), Ptr(c));
+    let (a, b, c) = (SendPtr(a as *mut T), SendPtr(b as *mut T), SendPtr(c));
 
     for ic in (0..m).step_by(mc_max) {
         let mc = mc_max.min(m - ic);
