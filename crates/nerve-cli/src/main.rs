@@ -1,0 +1,3 @@
+//! The `nerve` command.
+
+fn main() {}

@@ -1,0 +1,4 @@
+//! # nerve-data
+//!
+//! Data sets and loaders.
+#![warn(missing_docs)]
