@@ -82,21 +82,24 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn shape_mismatch(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Self {
+    /// A shape mismatch between two operands of `op`.
+    pub fn shape_mismatch(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Self {
         Error::ShapeMismatch {
             op,
             lhs: lhs.to_vec(),
             rhs: rhs.to_vec(),
         }
     }
-    pub(crate) fn bad_shape(op: &'static str, shape: &[usize], msg: impl Into<String>) -> Self {
+    /// An operand of `op` whose shape is unusable, and why.
+    pub fn bad_shape(op: &'static str, shape: &[usize], msg: impl Into<String>) -> Self {
         Error::BadShape {
             op,
             shape: shape.to_vec(),
             msg: msg.into(),
         }
     }
-    pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+    /// An invalid argument to `op`, and why.
+    pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
         Error::InvalidArgument {
             op,
             msg: msg.into(),

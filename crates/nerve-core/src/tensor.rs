@@ -146,6 +146,19 @@ impl Tensor {
         self
     }
 
+    /// Make `self`, a fresh result computed from `inputs` outside autodiff (a fused kernel in
+    /// another crate), differentiable: `backward` maps the output gradient to one optional
+    /// gradient per input. Nothing is recorded when gradients are off or no input requires
+    /// them. For ops that nerve-core's own ops would make slow (e.g. a fused cross-entropy).
+    pub fn attach_backward(
+        self,
+        op: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    ) -> Tensor {
+        self.with_grad(op, inputs, backward)
+    }
+
     /// A view of this tensor's storage with a new layout, differentiable through `backward`.
     pub(crate) fn view_with_grad(
         &self,

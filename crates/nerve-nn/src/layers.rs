@@ -1,0 +1,792 @@
+//! Layers with PyTorch's names, parameter names, shapes and default initialisation.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nerve_core::{no_grad, DType, Error, Result, Tensor};
+
+use crate::init::{self, FanMode, Init};
+use crate::module::Module;
+
+/// PyTorch's default for Linear/Conv: weight kaiming-uniform with `a = sqrt(5)` (i.e.
+/// `U(±1/sqrt(fan_in))`), bias `U(±1/sqrt(fan_in))`.
+fn default_weight_bias(w: &Tensor, b: Option<&Tensor>, init: Init) -> Result<()> {
+    init.apply(w, |w| {
+        init::kaiming_uniform_(w, 5f64.sqrt(), FanMode::FanIn)
+    })?;
+    if let Some(b) = b {
+        let (fan_in, _) = init::fans(w)?;
+        let bound = if fan_in > 0 {
+            1.0 / (fan_in as f64).sqrt()
+        } else {
+            0.0
+        };
+        init::uniform_(b, -bound, bound)?;
+    }
+    Ok(())
+}
+
+fn param(dims: &[usize]) -> Tensor {
+    Tensor::zeros(dims).requires_grad_(true)
+}
+
+fn weight_and_bias(w: &Tensor, b: &Option<Tensor>) -> Vec<(String, Tensor)> {
+    let mut v = vec![("weight".to_string(), w.clone())];
+    if let Some(b) = b {
+        v.push(("bias".to_string(), b.clone()));
+    }
+    v
+}
+
+// ------------------------------------------------------------------------------------ Linear
+
+/// `y = x Wᵀ + b` over the last dimension. Weight `[out_features, in_features]`.
+pub struct Linear {
+    /// `[out_features, in_features]`.
+    pub weight: Tensor,
+    /// `[out_features]`, if any.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer with PyTorch's default initialisation.
+    pub fn new(in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        Self::with_init(in_features, out_features, bias, Init::Default)
+    }
+
+    /// A layer whose weight uses `init` (the bias keeps PyTorch's default).
+    pub fn with_init(in_features: usize, out_features: usize, bias: bool, init: Init) -> Result<Self> {
+        let weight = param(&[out_features, in_features]);
+        let bias = bias.then(|| param(&[out_features]));
+        default_weight_bias(&weight, bias.as_ref(), init)?;
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        weight_and_bias(&self.weight, &self.bias)
+    }
+    fn describe(&self) -> String {
+        let d = self.weight.dims();
+        format!(
+            "Linear(in_features={}, out_features={}, bias={})",
+            d[1],
+            d[0],
+            self.bias.is_some()
+        )
+    }
+}
+
+// -------------------------------------------------------------------------------------- Conv
+
+/// Options of a convolution beyond its channels and kernel (PyTorch's defaults: stride 1,
+/// no padding, dilation 1, one group, with bias).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConvOptions {
+    /// Step between windows.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Spacing of kernel taps.
+    pub dilation: usize,
+    /// Channel groups.
+    pub groups: usize,
+    /// Whether there is a bias.
+    pub bias: bool,
+    /// Extra size on one side of a transposed convolution's output.
+    pub output_padding: usize,
+    /// Weight initialisation.
+    pub init: Init,
+}
+
+impl Default for ConvOptions {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+            bias: true,
+            output_padding: 0,
+            init: Init::Default,
+        }
+    }
+}
+
+impl ConvOptions {
+    /// With this stride.
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = s;
+        self
+    }
+    /// With this padding.
+    pub fn padding(mut self, p: usize) -> Self {
+        self.padding = p;
+        self
+    }
+    /// With this dilation.
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.dilation = d;
+        self
+    }
+    /// With this many groups.
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+    /// With or without bias.
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+    /// With this output padding (transposed convolutions).
+    pub fn output_padding(mut self, p: usize) -> Self {
+        self.output_padding = p;
+        self
+    }
+    /// With this weight initialisation.
+    pub fn init(mut self, i: Init) -> Self {
+        self.init = i;
+        self
+    }
+}
+
+fn check_groups(op: &'static str, cin: usize, cout: usize, groups: usize) -> Result<()> {
+    if groups == 0 || cin % groups != 0 || cout % groups != 0 {
+        return Err(Error::invalid(
+            op,
+            format!("in_channels {cin} and out_channels {cout} must be divisible by groups {groups}"),
+        ));
+    }
+    Ok(())
+}
+
+/// 2-D convolution over `[N, C, H, W]`. Weight `[out, in/groups, kh, kw]`.
+pub struct Conv2d {
+    /// `[out_channels, in_channels / groups, kh, kw]`.
+    pub weight: Tensor,
+    /// `[out_channels]`, if any.
+    pub bias: Option<Tensor>,
+    /// Stride, padding, dilation, groups.
+    pub options: ConvOptions,
+}
+
+impl Conv2d {
+    /// A square-kernel convolution with PyTorch's default initialisation.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, options: ConvOptions) -> Result<Self> {
+        check_groups("Conv2d", in_channels, out_channels, options.groups)?;
+        let weight = param(&[out_channels, in_channels / options.groups, kernel, kernel]);
+        let bias = options.bias.then(|| param(&[out_channels]));
+        default_weight_bias(&weight, bias.as_ref(), options.init)?;
+        Ok(Self { weight, bias, options })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let o = &self.options;
+        x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            (o.stride, o.stride),
+            (o.padding, o.padding),
+            (o.dilation, o.dilation),
+            o.groups,
+        )
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        weight_and_bias(&self.weight, &self.bias)
+    }
+    fn describe(&self) -> String {
+        let d = self.weight.dims();
+        let o = &self.options;
+        format!(
+            "Conv2d({}, {}, kernel_size=({}, {}), stride=({s}, {s}), padding=({p}, {p}))",
+            d[1] * o.groups,
+            d[0],
+            d[2],
+            d[3],
+            s = o.stride,
+            p = o.padding
+        )
+    }
+}
+
+/// 1-D convolution over `[N, C, L]`. Weight `[out, in/groups, k]`.
+pub struct Conv1d {
+    /// `[out_channels, in_channels / groups, k]`.
+    pub weight: Tensor,
+    /// `[out_channels]`, if any.
+    pub bias: Option<Tensor>,
+    /// Stride, padding, dilation, groups.
+    pub options: ConvOptions,
+}
+
+impl Conv1d {
+    /// A convolution with PyTorch's default initialisation.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, options: ConvOptions) -> Result<Self> {
+        check_groups("Conv1d", in_channels, out_channels, options.groups)?;
+        let weight = param(&[out_channels, in_channels / options.groups, kernel]);
+        let bias = options.bias.then(|| param(&[out_channels]));
+        default_weight_bias(&weight, bias.as_ref(), options.init)?;
+        Ok(Self { weight, bias, options })
+    }
+}
+
+impl Module for Conv1d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let o = &self.options;
+        x.conv1d(&self.weight, self.bias.as_ref(), o.stride, o.padding, o.dilation, o.groups)
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        weight_and_bias(&self.weight, &self.bias)
+    }
+    fn describe(&self) -> String {
+        let d = self.weight.dims();
+        format!("Conv1d({}, {}, kernel_size=({},))", d[1] * self.options.groups, d[0], d[2])
+    }
+}
+
+/// 2-D transposed convolution. Weight `[in, out/groups, kh, kw]`.
+pub struct ConvTranspose2d {
+    /// `[in_channels, out_channels / groups, kh, kw]`.
+    pub weight: Tensor,
+    /// `[out_channels]`, if any.
+    pub bias: Option<Tensor>,
+    /// Stride, padding, output padding, dilation, groups.
+    pub options: ConvOptions,
+}
+
+impl ConvTranspose2d {
+    /// A transposed convolution with PyTorch's default initialisation.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, options: ConvOptions) -> Result<Self> {
+        check_groups("ConvTranspose2d", in_channels, out_channels, options.groups)?;
+        let weight = param(&[in_channels, out_channels / options.groups, kernel, kernel]);
+        let bias = options.bias.then(|| param(&[out_channels]));
+        default_weight_bias(&weight, bias.as_ref(), options.init)?;
+        Ok(Self { weight, bias, options })
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let o = &self.options;
+        x.conv_transpose2d(
+            &self.weight,
+            self.bias.as_ref(),
+            (o.stride, o.stride),
+            (o.padding, o.padding),
+            (o.output_padding, o.output_padding),
+            (o.dilation, o.dilation),
+            o.groups,
+        )
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        weight_and_bias(&self.weight, &self.bias)
+    }
+    fn describe(&self) -> String {
+        let d = self.weight.dims();
+        format!("ConvTranspose2d({}, {}, kernel_size=({}, {}))", d[0], d[1] * self.options.groups, d[2], d[3])
+    }
+}
+
+// --------------------------------------------------------------------------------- Pooling
+
+/// 2-D max pooling (square window; stride defaults to the window, as in PyTorch).
+pub struct MaxPool2d {
+    /// Window size.
+    pub kernel: usize,
+    /// Step.
+    pub stride: usize,
+    /// Implicit −inf padding.
+    pub padding: usize,
+}
+
+impl MaxPool2d {
+    /// `MaxPool2d(kernel)` with stride = kernel, no padding.
+    pub fn new(kernel: usize) -> Self {
+        Self { kernel, stride: kernel, padding: 0 }
+    }
+}
+
+impl Module for MaxPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        x.max_pool2d((k, k), (s, s), (p, p), (1, 1), false)
+    }
+    fn describe(&self) -> String {
+        format!("MaxPool2d(kernel_size={}, stride={}, padding={})", self.kernel, self.stride, self.padding)
+    }
+}
+
+/// 2-D average pooling (square window; stride defaults to the window).
+pub struct AvgPool2d {
+    /// Window size.
+    pub kernel: usize,
+    /// Step.
+    pub stride: usize,
+    /// Zero padding.
+    pub padding: usize,
+}
+
+impl AvgPool2d {
+    /// `AvgPool2d(kernel)` with stride = kernel, no padding.
+    pub fn new(kernel: usize) -> Self {
+        Self { kernel, stride: kernel, padding: 0 }
+    }
+}
+
+impl Module for AvgPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        x.avg_pool2d((k, k), (s, s), (p, p), false, true)
+    }
+    fn describe(&self) -> String {
+        format!("AvgPool2d(kernel_size={}, stride={}, padding={})", self.kernel, self.stride, self.padding)
+    }
+}
+
+/// Average pooling to a fixed output size.
+pub struct AdaptiveAvgPool2d {
+    /// Output (height, width).
+    pub output_size: (usize, usize),
+}
+
+impl Module for AdaptiveAvgPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.adaptive_avg_pool2d(self.output_size)
+    }
+    fn describe(&self) -> String {
+        format!("AdaptiveAvgPool2d(output_size={:?})", self.output_size)
+    }
+}
+
+// ------------------------------------------------------------------------------ Normalisation
+
+/// Batch normalisation over `[N, C]` or `[N, C, L]` (BatchNorm1d) and `[N, C, H, W]`
+/// (BatchNorm2d): batch statistics and running-statistics updates in training, running
+/// statistics in evaluation.
+pub struct BatchNorm {
+    /// Per-channel scale `[C]`.
+    pub weight: Tensor,
+    /// Per-channel shift `[C]`.
+    pub bias: Tensor,
+    /// Running mean `[C]` (buffer).
+    pub running_mean: Tensor,
+    /// Running (unbiased) variance `[C]` (buffer).
+    pub running_var: Tensor,
+    /// Batches seen in training (buffer, i64 scalar).
+    pub num_batches_tracked: Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+    /// Weight of the new batch in the running statistics.
+    pub momentum: f64,
+    rank: usize,
+    training: AtomicBool,
+}
+
+/// `BatchNorm1d`: inputs `[N, C]` or `[N, C, L]`.
+pub fn batch_norm1d(channels: usize) -> BatchNorm {
+    BatchNorm::new(channels, 1)
+}
+
+/// `BatchNorm2d`: inputs `[N, C, H, W]`.
+pub fn batch_norm2d(channels: usize) -> BatchNorm {
+    BatchNorm::new(channels, 2)
+}
+
+impl BatchNorm {
+    fn new(channels: usize, rank: usize) -> Self {
+        Self {
+            weight: Tensor::ones([channels]).requires_grad_(true),
+            bias: Tensor::zeros([channels]).requires_grad_(true),
+            running_mean: Tensor::zeros([channels]),
+            running_var: Tensor::ones([channels]),
+            num_batches_tracked: Tensor::zeros_with(Vec::<usize>::new(), DType::I64),
+            eps: 1e-5,
+            momentum: 0.1,
+            rank,
+            training: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Module for BatchNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.weight.numel();
+        let ok = x.rank() >= 2 && x.dims()[1] == c && (if self.rank == 2 { x.rank() == 4 } else { x.rank() <= 3 });
+        if !ok {
+            return Err(Error::bad_shape(
+                if self.rank == 2 { "BatchNorm2d" } else { "BatchNorm1d" },
+                x.dims(),
+                format!("expected [N, {c}{}]", if self.rank == 2 { ", H, W" } else { "(, L)" }),
+            ));
+        }
+        // Reduce over every dim but the channel one; per-channel tensors broadcast as [C, 1, ..].
+        let dims: Vec<isize> = (0..x.rank() as isize).filter(|&d| d != 1).collect();
+        let mut bshape = vec![c as isize];
+        bshape.extend(std::iter::repeat_n(1, x.rank() - 2));
+        let (mean, var) = if self.training.load(Ordering::Relaxed) {
+            let mean = x.mean_dim(&dims, false)?;
+            let var = x.var_dim(&dims, 0, false)?;
+            let n = x.numel() / c;
+            no_grad(|| -> Result<()> {
+                let m = self.momentum;
+                let unbiased = var.mul_scalar(n as f64 / (n.max(2) - 1) as f64)?;
+                self.running_mean.copy_(&self.running_mean.affine(1.0 - m, 0.0)?.add(&mean.mul_scalar(m)?)?)?;
+                self.running_var.copy_(&self.running_var.affine(1.0 - m, 0.0)?.add(&unbiased.mul_scalar(m)?)?)?;
+                self.num_batches_tracked.copy_(&self.num_batches_tracked.to_dtype(DType::F64)?.add_scalar(1.0)?)?;
+                Ok(())
+            })?;
+            (mean, var)
+        } else {
+            (self.running_mean.clone(), self.running_var.clone())
+        };
+        let scale = var.add_scalar(self.eps)?.rsqrt()?.mul(&self.weight)?;
+        let shift = self.bias.sub(&mean.mul(&scale)?)?;
+        x.mul(&scale.reshape(&bshape)?)?.add(&shift.reshape(&bshape)?)
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.weight.clone()), ("bias".into(), self.bias.clone())]
+    }
+    fn own_buffers(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("running_mean".into(), self.running_mean.clone()),
+            ("running_var".into(), self.running_var.clone()),
+            ("num_batches_tracked".into(), self.num_batches_tracked.clone()),
+        ]
+    }
+    fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+    fn describe(&self) -> String {
+        format!("BatchNorm{}d({}, eps={}, momentum={})", self.rank, self.weight.numel(), self.eps, self.momentum)
+    }
+}
+
+/// Layer normalisation over the trailing `normalized_shape` dims.
+pub struct LayerNorm {
+    /// Scale, shaped like the normalised dims.
+    pub weight: Option<Tensor>,
+    /// Shift, shaped like the normalised dims.
+    pub bias: Option<Tensor>,
+    /// Normalised trailing dims.
+    pub normalized_shape: Vec<usize>,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// `LayerNorm(normalized_shape)` with affine weight 1 and bias 0, eps 1e-5.
+    pub fn new(normalized_shape: &[usize]) -> Self {
+        Self {
+            weight: Some(Tensor::ones(normalized_shape).requires_grad_(true)),
+            bias: Some(Tensor::zeros(normalized_shape).requires_grad_(true)),
+            normalized_shape: normalized_shape.to_vec(),
+            eps: 1e-5,
+        }
+    }
+}
+
+fn trailing_dims(op: &'static str, x: &Tensor, shape: &[usize]) -> Result<Vec<isize>> {
+    let r = x.rank();
+    if shape.len() > r || x.dims()[r - shape.len()..] != *shape {
+        return Err(Error::shape_mismatch(op, x.dims(), shape));
+    }
+    Ok((r - shape.len()..r).map(|d| d as isize).collect())
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = trailing_dims("LayerNorm", x, &self.normalized_shape)?;
+        let mean = x.mean_dim(&dims, true)?;
+        let xc = x.sub(&mean)?;
+        let var = xc.square()?.mean_dim(&dims, true)?;
+        let mut y = xc.mul(&var.add_scalar(self.eps)?.rsqrt()?)?;
+        if let Some(w) = &self.weight {
+            y = y.mul(w)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.add(b)?;
+        }
+        Ok(y)
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        if let Some(w) = &self.weight {
+            v.push(("weight".into(), w.clone()));
+        }
+        if let Some(b) = &self.bias {
+            v.push(("bias".into(), b.clone()));
+        }
+        v
+    }
+    fn describe(&self) -> String {
+        format!("LayerNorm({:?}, eps={})", self.normalized_shape, self.eps)
+    }
+}
+
+/// Root-mean-square normalisation over the trailing dims: `x / sqrt(mean(x²) + eps) · w`.
+pub struct RmsNorm {
+    /// Scale, shaped like the normalised dims.
+    pub weight: Tensor,
+    /// Normalised trailing dims.
+    pub normalized_shape: Vec<usize>,
+    /// Added to the mean square (PyTorch's default `None` means f32 machine epsilon).
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// `RMSNorm(normalized_shape, eps)`.
+    pub fn new(normalized_shape: &[usize], eps: f64) -> Self {
+        Self {
+            weight: Tensor::ones(normalized_shape).requires_grad_(true),
+            normalized_shape: normalized_shape.to_vec(),
+            eps,
+        }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = trailing_dims("RMSNorm", x, &self.normalized_shape)?;
+        let ms = x.square()?.mean_dim(&dims, true)?;
+        x.mul(&ms.add_scalar(self.eps)?.rsqrt()?)?.mul(&self.weight)
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.weight.clone())]
+    }
+    fn describe(&self) -> String {
+        format!("RMSNorm({:?}, eps={})", self.normalized_shape, self.eps)
+    }
+}
+
+/// Group normalisation over `[N, C, *]`: channels split into groups, each normalised over its
+/// channels and spatial positions, then a per-channel affine.
+pub struct GroupNorm {
+    /// Number of groups.
+    pub groups: usize,
+    /// Per-channel scale.
+    pub weight: Tensor,
+    /// Per-channel shift.
+    pub bias: Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    /// `GroupNorm(num_groups, num_channels)`.
+    pub fn new(groups: usize, channels: usize) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(Error::invalid("GroupNorm", format!("{channels} channels not divisible into {groups} groups")));
+        }
+        Ok(Self {
+            groups,
+            weight: Tensor::ones([channels]).requires_grad_(true),
+            bias: Tensor::zeros([channels]).requires_grad_(true),
+            eps: 1e-5,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.weight.numel();
+        if x.rank() < 2 || x.dims()[1] != c {
+            return Err(Error::bad_shape("GroupNorm", x.dims(), format!("expected [N, {c}, *]")));
+        }
+        let n = x.dims()[0] as isize;
+        let g = x.reshape(&[n, self.groups as isize, -1])?;
+        let mean = g.mean_dim(&[2], true)?;
+        let gc = g.sub(&mean)?;
+        let var = gc.square()?.mean_dim(&[2], true)?;
+        let y = gc.mul(&var.add_scalar(self.eps)?.rsqrt()?)?;
+        let dims: Vec<isize> = x.dims().iter().map(|&d| d as isize).collect();
+        let mut bshape = vec![c as isize];
+        bshape.extend(std::iter::repeat_n(1, x.rank() - 2));
+        y.reshape(&dims)?.mul(&self.weight.reshape(&bshape)?)?.add(&self.bias.reshape(&bshape)?)
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.weight.clone()), ("bias".into(), self.bias.clone())]
+    }
+    fn describe(&self) -> String {
+        format!("GroupNorm({}, {}, eps={})", self.groups, self.weight.numel(), self.eps)
+    }
+}
+
+// ----------------------------------------------------------------------------- Other layers
+
+/// Token embedding: integer ids → rows of a `[num_embeddings, dim]` table (init `N(0, 1)`).
+pub struct Embedding {
+    /// `[num_embeddings, embedding_dim]`.
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    /// `Embedding(num_embeddings, embedding_dim)`.
+    pub fn new(num_embeddings: usize, embedding_dim: usize) -> Result<Self> {
+        let weight = param(&[num_embeddings, embedding_dim]);
+        init::normal_(&weight, 0.0, 1.0)?;
+        Ok(Self { weight })
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.weight.embedding(ids)
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.weight.clone())]
+    }
+    fn describe(&self) -> String {
+        let d = self.weight.dims();
+        format!("Embedding({}, {})", d[0], d[1])
+    }
+}
+
+/// Dropout with probability `p` in training mode; the identity in evaluation mode.
+pub struct Dropout {
+    /// Probability of zeroing an element.
+    pub p: f64,
+    training: AtomicBool,
+}
+
+impl Dropout {
+    /// `Dropout(p)`.
+    pub fn new(p: f64) -> Self {
+        Self { p, training: AtomicBool::new(true) }
+    }
+}
+
+impl Module for Dropout {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.dropout(self.p, self.training.load(Ordering::Relaxed))
+    }
+    fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+    fn describe(&self) -> String {
+        format!("Dropout(p={})", self.p)
+    }
+}
+
+/// Flatten dims `start..=end` into one (PyTorch's `nn.Flatten`, default 1 to -1).
+pub struct Flatten {
+    /// First flattened dim.
+    pub start: isize,
+    /// Last flattened dim.
+    pub end: isize,
+}
+
+impl Default for Flatten {
+    fn default() -> Self {
+        Self { start: 1, end: -1 }
+    }
+}
+
+impl Module for Flatten {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.flatten(self.start, self.end)
+    }
+    fn describe(&self) -> String {
+        format!("Flatten(start_dim={}, end_dim={})", self.start, self.end)
+    }
+}
+
+macro_rules! activation {
+    ($(#[$doc:meta])* $name:ident, $repr:literal, |$x:ident| $body:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default)]
+        pub struct $name;
+        impl Module for $name {
+            fn forward(&self, $x: &Tensor) -> Result<Tensor> {
+                $body
+            }
+            fn describe(&self) -> String {
+                $repr.into()
+            }
+        }
+    };
+}
+
+activation!(
+    /// `max(x, 0)`.
+    ReLU, "ReLU()", |x| x.relu()
+);
+activation!(
+    /// `x · sigmoid(x)`.
+    SiLU, "SiLU()", |x| x.silu()
+);
+activation!(
+    /// Hyperbolic tangent.
+    Tanh, "Tanh()", |x| x.tanh()
+);
+activation!(
+    /// Logistic sigmoid.
+    Sigmoid, "Sigmoid()", |x| x.sigmoid()
+);
+
+/// GELU, exact (erf) or with the tanh approximation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GELU {
+    /// Use PyTorch's `approximate='tanh'`.
+    pub tanh: bool,
+}
+
+impl Module for GELU {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.tanh {
+            x.gelu_tanh()
+        } else {
+            x.gelu()
+        }
+    }
+    fn describe(&self) -> String {
+        format!("GELU(approximate='{}')", if self.tanh { "tanh" } else { "none" })
+    }
+}
+
+/// Leaky ReLU with the given negative slope (PyTorch's default 0.01).
+#[derive(Clone, Copy, Debug)]
+pub struct LeakyReLU {
+    /// Slope for negative inputs.
+    pub slope: f64,
+}
+
+impl Default for LeakyReLU {
+    fn default() -> Self {
+        Self { slope: 0.01 }
+    }
+}
+
+impl Module for LeakyReLU {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.leaky_relu(self.slope)
+    }
+    fn describe(&self) -> String {
+        format!("LeakyReLU(negative_slope={})", self.slope)
+    }
+}
+
+/// Softmax over `dim`.
+#[derive(Clone, Copy, Debug)]
+pub struct Softmax {
+    /// The normalised dim.
+    pub dim: isize,
+}
+
+impl Module for Softmax {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.softmax(self.dim)
+    }
+    fn describe(&self) -> String {
+        format!("Softmax(dim={})", self.dim)
+    }
+}

@@ -1,0 +1,474 @@
+//! Optimizers (PyTorch's update rules, in place), gradient clipping, and optimizer state that
+//! is saved and restored with checkpoints.
+//!
+//! Gradient accumulation needs nothing special: call `backward()` on several micro-batches
+//! (gradients add up, as in PyTorch), then `step()` and `zero_grad()`.
+
+use std::collections::HashMap;
+
+use nerve_core::{DType, Element, Error, Float, Result, Tensor};
+
+/// Apply `f` to a parameter's data, its gradient and its state buffers, all the same float
+/// dtype and contiguous.
+fn with_param<F>(p: &Tensor, g: &Tensor, states: &[&Tensor], f: F) -> Result<()>
+where
+    F: Fn(Slices<'_>),
+{
+    let g = g.contiguous()?;
+    match p.dtype() {
+        DType::F32 => run::<f32, F>(p, &g, states, f),
+        DType::F64 => run::<f64, F>(p, &g, states, f),
+        d => Err(Error::invalid("optimizer", format!("parameters must be f32 or f64, got {d:?}"))),
+    }
+}
+
+/// Typed views handed to an update rule.
+pub enum Slices<'a> {
+    /// f32 parameter, gradient and state.
+    F32(&'a mut [f32], &'a [f32], Vec<&'a mut [f32]>),
+    /// f64 parameter, gradient and state.
+    F64(&'a mut [f64], &'a [f64], Vec<&'a mut [f64]>),
+}
+
+fn run<T: Float, F: Fn(Slices<'_>)>(p: &Tensor, g: &Tensor, states: &[&Tensor], f: F) -> Result<()>
+where
+    for<'a> Slices<'a>: From<(&'a mut [T], &'a [T], Vec<&'a mut [T]>)>,
+{
+    // Take the state buffers out as owned vectors, update, and write them back: each tensor
+    // has its own lock, so nested closures would do too, but this keeps it simple.
+    let mut bufs: Vec<Vec<T>> = states.iter().map(|s| s.to_vec::<T>()).collect::<Result<_>>()?;
+    g.with_data::<T, _>(|gs| {
+        p.with_data_mut::<T, _>(|ps| {
+            let views: Vec<&mut [T]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+            f(Slices::from((ps, gs, views)));
+        })
+    })??;
+    for (s, b) in states.iter().zip(bufs) {
+        s.with_data_mut::<T, _>(|d| d.copy_from_slice(&b))?;
+    }
+    Ok(())
+}
+
+impl<'a> From<(&'a mut [f32], &'a [f32], Vec<&'a mut [f32]>)> for Slices<'a> {
+    fn from(v: (&'a mut [f32], &'a [f32], Vec<&'a mut [f32]>)) -> Self {
+        Slices::F32(v.0, v.1, v.2)
+    }
+}
+impl<'a> From<(&'a mut [f64], &'a [f64], Vec<&'a mut [f64]>)> for Slices<'a> {
+    fn from(v: (&'a mut [f64], &'a [f64], Vec<&'a mut [f64]>)) -> Self {
+        Slices::F64(v.0, v.1, v.2)
+    }
+}
+
+/// Dispatch an update rule written once for any float type over [`Slices`].
+macro_rules! update {
+    ($slices:expr, |$p:ident, $g:ident, $s:ident| $body:block) => {
+        match $slices {
+            Slices::F32($p, $g, mut $s) => {
+                #[allow(unused_mut)]
+                let mut $s = &mut $s;
+                $body
+            }
+            Slices::F64($p, $g, mut $s) => {
+                #[allow(unused_mut)]
+                let mut $s = &mut $s;
+                $body
+            }
+        }
+    };
+}
+
+/// An optimizer over a fixed list of parameters.
+pub trait Optimizer {
+    /// Update every parameter that has a gradient.
+    fn step(&mut self) -> Result<()>;
+    /// The parameters.
+    fn params(&self) -> &[Tensor];
+    /// Clear every parameter's gradient.
+    fn zero_grad(&self) {
+        for p in self.params() {
+            p.zero_grad();
+        }
+    }
+    /// Current learning rate.
+    fn lr(&self) -> f64;
+    /// Set the learning rate (for schedules).
+    fn set_lr(&mut self, lr: f64);
+    /// State tensors by name (`state.<param index>.<buffer>`, plus `step`), for checkpoints.
+    fn state_dict(&self) -> Vec<(String, Tensor)>;
+    /// Restore state saved by [`Optimizer::state_dict`]; shapes are checked before anything
+    /// is changed.
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+}
+
+/// Per-parameter state buffers (created lazily like PyTorch's) and the step count.
+struct State {
+    names: &'static [&'static str],
+    bufs: Vec<Option<Vec<Tensor>>>,
+    step: u64,
+}
+
+impl State {
+    fn new(n: usize, names: &'static [&'static str]) -> Self {
+        Self { names, bufs: vec![None; n], step: 0 }
+    }
+
+    fn get(&mut self, i: usize, p: &Tensor) -> Vec<Tensor> {
+        self.bufs[i]
+            .get_or_insert_with(|| self.names.iter().map(|_| Tensor::zeros_like(&p.detach())).collect())
+            .clone()
+    }
+
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("step".to_string(), Tensor::scalar(self.step as i64))];
+        for (i, b) in self.bufs.iter().enumerate() {
+            if let Some(b) = b {
+                for (n, t) in self.names.iter().zip(b) {
+                    out.push((format!("state.{i}.{n}"), t.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn load(&mut self, params: &[Tensor], state: &HashMap<String, Tensor>) -> Result<()> {
+        let mut new = vec![None; params.len()];
+        for (i, p) in params.iter().enumerate() {
+            let mut found = Vec::new();
+            for n in self.names {
+                if let Some(t) = state.get(&format!("state.{i}.{n}")) {
+                    if t.dims() != p.dims() {
+                        return Err(Error::shape_mismatch("optimizer state", p.dims(), t.dims()));
+                    }
+                    found.push(t.to_dtype(p.dtype())?.copy()?);
+                }
+            }
+            if found.len() == self.names.len() {
+                new[i] = Some(found);
+            } else if !found.is_empty() {
+                return Err(Error::invalid("optimizer state", format!("parameter {i} has only part of its state")));
+            }
+        }
+        let step = match state.get("step") {
+            Some(s) => s.to_f64_vec().first().copied().unwrap_or(0.0) as u64,
+            None => 0,
+        };
+        self.bufs = new;
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Stochastic gradient descent with momentum, dampening, Nesterov and (L2) weight decay.
+pub struct Sgd {
+    params: Vec<Tensor>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0: none).
+    pub momentum: f64,
+    /// Dampening of the momentum.
+    pub dampening: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+    state: State,
+}
+
+impl Sgd {
+    /// `SGD(params, lr)` with no momentum or decay.
+    pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
+        let n = params.len();
+        Self { params, lr, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0, state: State::new(n, &["momentum_buffer"]) }
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self) -> Result<()> {
+        self.state.step += 1;
+        let first = self.state.step == 1;
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let bufs = if self.momentum != 0.0 { self.state.get(i, p) } else { Vec::new() };
+            let (lr, mom, damp, nest, wd) = (self.lr, self.momentum, self.dampening, self.nesterov, self.weight_decay);
+            let refs: Vec<&Tensor> = bufs.iter().collect();
+            with_param(p, &g, &refs, |sl| {
+                update!(sl, |p, g, s| {
+                    for k in 0..p.len() {
+                        let mut d = g[k].to_f64() + wd * p[k].to_f64();
+                        if mom != 0.0 {
+                            let b = &mut s[0][k];
+                            let nb = if first { d } else { mom * b.to_f64() + (1.0 - damp) * d };
+                            *b = Element::from_f64(nb);
+                            d = if nest { d + mom * nb } else { nb };
+                        }
+                        p[k] = Element::from_f64(p[k].to_f64() - lr * d);
+                    }
+                })
+            })?;
+        }
+        Ok(())
+    }
+    fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.state.state_dict()
+    }
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.state.load(&self.params, state)
+    }
+}
+
+/// Adam, and AdamW (decoupled weight decay) with `decoupled = true`.
+pub struct Adam {
+    params: Vec<Tensor>,
+    /// Learning rate.
+    pub lr: f64,
+    /// `(beta1, beta2)`.
+    pub betas: (f64, f64),
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Weight decay: L2 in the gradient for Adam, decoupled for AdamW.
+    pub weight_decay: f64,
+    /// AdamW's decoupled decay.
+    pub decoupled: bool,
+    state: State,
+}
+
+impl Adam {
+    /// `Adam(params, lr)`: betas (0.9, 0.999), eps 1e-8, no decay.
+    pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
+        let n = params.len();
+        Self { params, lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, decoupled: false, state: State::new(n, &["exp_avg", "exp_avg_sq"]) }
+    }
+
+    /// `AdamW(params, lr, weight_decay)` (PyTorch's default decay is 0.01).
+    pub fn adamw(params: Vec<Tensor>, lr: f64, weight_decay: f64) -> Self {
+        Self { weight_decay, decoupled: true, ..Self::new(params, lr) }
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self) -> Result<()> {
+        self.state.step += 1;
+        let t = self.state.step as i32;
+        let (b1, b2) = self.betas;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let (lr, eps, wd, decoupled) = (self.lr, self.eps, self.weight_decay, self.decoupled);
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let bufs = self.state.get(i, p);
+            let refs: Vec<&Tensor> = bufs.iter().collect();
+            with_param(p, &g, &refs, |sl| {
+                update!(sl, |p, g, s| {
+                    let (m, rest) = s.split_at_mut(1);
+                    let (m, v) = (&mut *m[0], &mut *rest[0]);
+                    let step_size = lr / bc1;
+                    for k in 0..p.len() {
+                        let mut pk = p[k].to_f64();
+                        let mut gk = g[k].to_f64();
+                        if wd != 0.0 {
+                            if decoupled {
+                                pk *= 1.0 - lr * wd;
+                            } else {
+                                gk += wd * pk;
+                            }
+                        }
+                        let mk = b1 * m[k].to_f64() + (1.0 - b1) * gk;
+                        let vk = b2 * v[k].to_f64() + (1.0 - b2) * gk * gk;
+                        m[k] = Element::from_f64(mk);
+                        v[k] = Element::from_f64(vk);
+                        let denom = vk.sqrt() / bc2_sqrt + eps;
+                        p[k] = Element::from_f64(pk - step_size * mk / denom);
+                    }
+                })
+            })?;
+        }
+        Ok(())
+    }
+    fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.state.state_dict()
+    }
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.state.load(&self.params, state)
+    }
+}
+
+/// RMSprop (non-centred), with optional momentum and L2 weight decay.
+pub struct RmsProp {
+    params: Vec<Tensor>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Smoothing constant of the squared-gradient average.
+    pub alpha: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Momentum factor.
+    pub momentum: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+    state: State,
+}
+
+impl RmsProp {
+    /// `RMSprop(params, lr)`: alpha 0.99, eps 1e-8.
+    pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
+        let n = params.len();
+        Self { params, lr, alpha: 0.99, eps: 1e-8, momentum: 0.0, weight_decay: 0.0, state: State::new(n, &["square_avg", "momentum_buffer"]) }
+    }
+}
+
+impl Optimizer for RmsProp {
+    fn step(&mut self) -> Result<()> {
+        self.state.step += 1;
+        let (lr, alpha, eps, mom, wd) = (self.lr, self.alpha, self.eps, self.momentum, self.weight_decay);
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let bufs = self.state.get(i, p);
+            let refs: Vec<&Tensor> = bufs.iter().collect();
+            with_param(p, &g, &refs, |sl| {
+                update!(sl, |p, g, s| {
+                    let (sq, rest) = s.split_at_mut(1);
+                    let (sq, buf) = (&mut *sq[0], &mut *rest[0]);
+                    for k in 0..p.len() {
+                        let gk = g[k].to_f64() + wd * p[k].to_f64();
+                        let a = alpha * sq[k].to_f64() + (1.0 - alpha) * gk * gk;
+                        sq[k] = Element::from_f64(a);
+                        let upd = gk / (a.sqrt() + eps);
+                        let d = if mom > 0.0 {
+                            let b = mom * buf[k].to_f64() + upd;
+                            buf[k] = Element::from_f64(b);
+                            b
+                        } else {
+                            upd
+                        };
+                        p[k] = Element::from_f64(p[k].to_f64() - lr * d);
+                    }
+                })
+            })?;
+        }
+        Ok(())
+    }
+    fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.state.state_dict()
+    }
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.state.load(&self.params, state)
+    }
+}
+
+/// Adagrad with learning-rate decay and L2 weight decay.
+pub struct Adagrad {
+    params: Vec<Tensor>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Learning-rate decay per step.
+    pub lr_decay: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+    /// Added to the denominator (PyTorch: 1e-10).
+    pub eps: f64,
+    state: State,
+}
+
+impl Adagrad {
+    /// `Adagrad(params, lr)`.
+    pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
+        let n = params.len();
+        Self { params, lr, lr_decay: 0.0, weight_decay: 0.0, eps: 1e-10, state: State::new(n, &["sum"]) }
+    }
+}
+
+impl Optimizer for Adagrad {
+    fn step(&mut self) -> Result<()> {
+        self.state.step += 1;
+        let clr = self.lr / (1.0 + (self.state.step - 1) as f64 * self.lr_decay);
+        let (eps, wd) = (self.eps, self.weight_decay);
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let bufs = self.state.get(i, p);
+            let refs: Vec<&Tensor> = bufs.iter().collect();
+            with_param(p, &g, &refs, |sl| {
+                update!(sl, |p, g, s| {
+                    let sum = &mut *s[0];
+                    for k in 0..p.len() {
+                        let gk = g[k].to_f64() + wd * p[k].to_f64();
+                        let a = sum[k].to_f64() + gk * gk;
+                        sum[k] = Element::from_f64(a);
+                        p[k] = Element::from_f64(p[k].to_f64() - clr * gk / (a.sqrt() + eps));
+                    }
+                })
+            })?;
+        }
+        Ok(())
+    }
+    fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.state.state_dict()
+    }
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.state.load(&self.params, state)
+    }
+}
+
+/// Scale all gradients so that their global L2 norm is at most `max_norm`; returns the norm
+/// before clipping (PyTorch's `clip_grad_norm_`).
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64> {
+    let mut total = 0.0;
+    let grads: Vec<Tensor> = params.iter().filter_map(Tensor::grad).collect();
+    for g in &grads {
+        total += g.to_f64_vec().iter().map(|v| v * v).sum::<f64>();
+    }
+    let norm = total.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for (p, g) in params.iter().filter(|p| p.grad().is_some()).zip(&grads) {
+            p.set_grad(Some(g.mul_scalar(coef)?));
+        }
+    }
+    Ok(norm)
+}
+
+/// Clamp every gradient element to `[-clip, clip]`.
+pub fn clip_grad_value(params: &[Tensor], clip: f64) -> Result<()> {
+    for p in params {
+        if let Some(g) = p.grad() {
+            p.set_grad(Some(g.clamp(Some(-clip), Some(clip))?));
+        }
+    }
+    Ok(())
+}

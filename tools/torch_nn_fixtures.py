@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Write PyTorch reference fixtures for nerve-nn's parity tests.
+
+Losses, normalisation layers, optimizers and 20 AdamW steps of the `cnn` workload's network,
+all from inputs and initial weights given by closed-form formulas (see `formula` below, which
+the Rust tests mirror), so the fixture holds only results and stays small.
+
+    pip install torch safetensors
+    python3 tools/torch_nn_fixtures.py   # writes crates/nerve-nn/tests/fixtures/nn.safetensors
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "nerve-nn", "tests", "fixtures", "nn.safetensors")
+torch.set_num_threads(1)
+out = {}
+
+
+def formula(shape, seed, scale=1.0):
+    """x[i] = scale * sin(0.37 i + seed) (f32), the same in the Rust tests."""
+    n = math.prod(shape)
+    i = torch.arange(n, dtype=torch.float64)
+    return (scale * torch.sin(0.37 * i + seed)).float().reshape(shape)
+
+
+def targets(n, c, seed):
+    return torch.tensor([(i * 7 + seed) % c for i in range(n)], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- losses
+logits = formula((6, 5), 1.0, 2.0)
+tgt = targets(6, 5, 3)
+cw = formula((5,), 2.0, 0.4) + 1.0
+probs = F.softmax(formula((6, 5), 3.0, 1.5), dim=1)
+pred = formula((4, 3), 4.0)
+goal = formula((4, 3), 5.0)
+p01 = torch.sigmoid(formula((4, 3), 6.0, 2.0))
+y01 = (formula((4, 3), 7.0) > 0).float()
+posw = formula((3,), 8.0, 0.5) + 1.0
+logp = F.log_softmax(formula((4, 3), 9.0), dim=1)
+q = F.softmax(formula((4, 3), 10.0), dim=1)
+tgt_ign = tgt.clone()
+tgt_ign[2] = -100
+logits3 = formula((2, 4, 3), 11.0)
+tgt3 = torch.tensor([[0, 3, 1], [2, 2, 0]])
+
+loss_cases = {
+    "ce": (lambda x: F.cross_entropy(x, tgt), logits),
+    "ce_weight": (lambda x: F.cross_entropy(x, tgt, weight=cw), logits),
+    "ce_ignore": (lambda x: F.cross_entropy(x, tgt_ign), logits),
+    "ce_smooth": (lambda x: F.cross_entropy(x, tgt, label_smoothing=0.1), logits),
+    "ce_smooth_weight": (lambda x: F.cross_entropy(x, tgt, weight=cw, label_smoothing=0.2), logits),
+    "ce_sum": (lambda x: F.cross_entropy(x, tgt, reduction="sum"), logits),
+    "ce_none": (lambda x: F.cross_entropy(x, tgt, reduction="none"), logits),
+    "ce_probs": (lambda x: F.cross_entropy(x, probs), logits),
+    "ce_3d": (lambda x: F.cross_entropy(x, tgt3), logits3),
+    "nll": (lambda x: F.nll_loss(F.log_softmax(x, 1), tgt, weight=cw), logits),
+    "mse": (lambda x: F.mse_loss(x, goal), pred),
+    "l1": (lambda x: F.l1_loss(x, goal), pred),
+    "smooth_l1": (lambda x: F.smooth_l1_loss(x, goal, beta=0.5), pred),
+    "huber": (lambda x: F.huber_loss(x, goal, delta=0.7), pred),
+    "bce": (lambda x: F.binary_cross_entropy(x, y01), p01),
+    "bce_logits": (lambda x: F.binary_cross_entropy_with_logits(x, y01, pos_weight=posw), pred),
+    "kl_div": (lambda x: F.kl_div(x, q, reduction="batchmean"), logp),
+}
+for name, (f, x) in loss_cases.items():
+    x = x.clone().requires_grad_(True)
+    y = f(x)
+    y.backward(torch.ones_like(y))
+    out[f"loss.{name}.out"] = y.detach()
+    out[f"loss.{name}.grad"] = x.grad
+
+# ---------------------------------------------------------------- normalisation layers
+def layer_case(name, layer, x, train=True):
+    layer.train(train)
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    gy = formula(tuple(y.shape), 20.0)
+    y.backward(gy)
+    out[f"layer.{name}.out"] = y.detach()
+    out[f"layer.{name}.grad_input"] = x.grad
+    for pn, p in layer.named_parameters():
+        out[f"layer.{name}.grad.{pn}"] = p.grad.clone()
+    for bn, b in layer.named_buffers():
+        out[f"layer.{name}.buffer.{bn}"] = b.detach().clone()
+
+
+bn = nn.BatchNorm2d(3)
+with torch.no_grad():
+    bn.weight.copy_(formula((3,), 12.0, 0.5) + 1.0)
+    bn.bias.copy_(formula((3,), 13.0, 0.5))
+layer_case("bn_train", bn, formula((4, 3, 5, 5), 14.0, 2.0))
+layer_case("bn_eval", bn, formula((4, 3, 5, 5), 15.0, 2.0), train=False)
+ln = nn.LayerNorm(8)
+with torch.no_grad():
+    ln.weight.copy_(formula((8,), 16.0, 0.5) + 1.0)
+    ln.bias.copy_(formula((8,), 17.0, 0.5))
+layer_case("layernorm", ln, formula((2, 3, 8), 18.0, 2.0))
+gn = nn.GroupNorm(2, 4)
+with torch.no_grad():
+    gn.weight.copy_(formula((4,), 19.0, 0.5) + 1.0)
+    gn.bias.copy_(formula((4,), 21.0, 0.5))
+layer_case("groupnorm", gn, formula((2, 4, 3, 3), 22.0, 2.0))
+rms = nn.RMSNorm(8, eps=1e-6)
+with torch.no_grad():
+    rms.weight.copy_(formula((8,), 23.0, 0.5) + 1.0)
+layer_case("rmsnorm", rms, formula((2, 3, 8), 24.0, 2.0))
+
+# ---------------------------------------------------------------- optimizers
+def quad_loss(p):
+    c = formula((7,), 30.0, 0.5) + 1.0
+    t = formula((7,), 31.0)
+    return ((p - t) ** 2 * c).sum() + (p ** 4).sum() * 0.1
+
+
+optimizers = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, weight_decay=0.01),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.01, weight_decay=0.01),
+}
+for name, make in optimizers.items():
+    p = formula((7,), 32.0).clone().requires_grad_(True)
+    opt = make([p])
+    for _ in range(6):
+        opt.zero_grad()
+        quad_loss(p).backward()
+        opt.step()
+    out[f"optim.{name}.final"] = p.detach().clone()
+
+# ---------------------------------------------------------------- the cnn workload, 20 AdamW steps
+cnn = nn.Sequential(
+    nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10),
+)
+with torch.no_grad():
+    for k, (name, p) in enumerate(cnn.named_parameters()):
+        fan_in = p.shape[1] * math.prod(p.shape[2:]) if p.dim() > 1 else 32
+        p.copy_(formula(tuple(p.shape), 40.0 + k, 1.0 / math.sqrt(fan_in)))
+opt = torch.optim.AdamW(cnn.parameters(), lr=1e-3, weight_decay=0.01)
+losses = []
+for step in range(20):
+    x = formula((8, 1, 28, 28), 100.0 + step)
+    y = targets(8, 10, step)
+    loss = F.cross_entropy(cnn(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+out["cnn.adamw.losses"] = torch.tensor(losses, dtype=torch.float64)
+
+os.makedirs(os.path.dirname(OUT), exist_ok=True)
+save_file({k: v.detach().contiguous() for k, v in out.items()}, OUT)
+print(f"wrote {len(out)} tensors to {os.path.normpath(OUT)}")
