@@ -32,17 +32,49 @@ def gelu():
     return lambda: torch.nn.functional.gelu(a, approximate="tanh")
 
 
+def train_step(model, x, classes):
+    n = x.shape[0]
+    y = torch.tensor([(i * 7) % classes for i in range(n)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def mlp():
+    nn = torch.nn
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    return train_step(model, torch.randn(128, 784), 10)
+
+
+def cnn():
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10))
+    return train_step(model, torch.randn(64, 1, 28, 28), 10)
+
+
 def softmax():
     a = torch.randn(4096, 1024)
     return lambda: torch.softmax(a, -1)
 
 
+# (name, unit, work per step, setup, trains): training workloads run with gradients on.
 WORKLOADS = [
-    ("sgemm-1024", "GFLOP/s", 2 * 1024**3 / 1e9, lambda: sgemm(1024)),
-    ("sgemm-4096", "GFLOP/s", 2 * 4096**3 / 1e9, lambda: sgemm(4096)),
-    ("add-16m", "GB/s", 3 * 4 * EW_N / 1e9, add),
-    ("gelu-16m", "Gelem/s", EW_N / 1e9, gelu),
-    ("softmax-4096x1024", "Gelem/s", 4096 * 1024 / 1e9, softmax),
+    ("mlp", "samples/s", 128, mlp, True),
+    ("cnn", "samples/s", 64, cnn, True),
+    ("sgemm-1024", "GFLOP/s", 2 * 1024**3 / 1e9, lambda: sgemm(1024), False),
+    ("sgemm-4096", "GFLOP/s", 2 * 4096**3 / 1e9, lambda: sgemm(4096), False),
+    ("add-16m", "GB/s", 3 * 4 * EW_N / 1e9, add, False),
+    ("gelu-16m", "Gelem/s", EW_N / 1e9, gelu, False),
+    ("softmax-4096x1024", "Gelem/s", 4096 * 1024 / 1e9, softmax, False),
 ]
 
 
@@ -54,11 +86,11 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    for name, unit, work, setup in WORKLOADS:
+    for name, unit, work, setup, trains in WORKLOADS:
         if args.workloads and name not in args.workloads:
             continue
         step = setup()
-        with torch.no_grad():
+        with torch.set_grad_enabled(trains):
             for _ in range(3):
                 step()
             times = []

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use nerve_core::{manual_seed, Result, Tensor};
+use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer, Sequential};
 
 #[derive(Parser)]
 #[command(about = "nerve benchmark workloads")]
@@ -49,8 +50,65 @@ fn sgemm(n: usize) -> Result<Step> {
 
 const EW_N: usize = 1 << 24;
 
+/// A training step of `model` on one fixed random batch: forward, cross-entropy, backward,
+/// AdamW update, zeroing of gradients.
+fn train_step(
+    model: Sequential,
+    x: Tensor,
+    classes: i64,
+    lr: f64,
+    weight_decay: f64,
+) -> Result<Step> {
+    let n = x.dims()[0];
+    let y = Tensor::from_vec(
+        (0..n as i64).map(|i| (i * 7) % classes).collect::<Vec<_>>(),
+        [n],
+    )?;
+    let mut opt = Adam::adamw(model.parameters(), lr, weight_decay);
+    Ok(Box::new(move || {
+        let l = loss::cross_entropy(&model.forward(&x)?, &y, &Default::default())?;
+        l.backward()?;
+        opt.step()?;
+        opt.zero_grad();
+        std::hint::black_box(l);
+        Ok(())
+    }))
+}
+
 fn workloads() -> Vec<Workload> {
     vec![
+        // 784→512→ReLU→512→ReLU→10, batch 128, AdamW lr 1e-3 wd 0.01.
+        Workload {
+            name: "mlp",
+            unit: "samples/s",
+            work: 128.0,
+            setup: || {
+                manual_seed(0);
+                train_step(
+                    nerve_models::mlp(784, &[512, 512], 10)?,
+                    Tensor::randn([128, 784]),
+                    10,
+                    1e-3,
+                    0.01,
+                )
+            },
+        },
+        // The small CNN on 1×28×28, batch 64, AdamW lr 1e-3 (PyTorch's default decay 0.01).
+        Workload {
+            name: "cnn",
+            unit: "samples/s",
+            work: 64.0,
+            setup: || {
+                manual_seed(0);
+                train_step(
+                    nerve_models::cnn(&[1, 28, 28], 10)?,
+                    Tensor::randn([64, 1, 28, 28]),
+                    10,
+                    1e-3,
+                    0.01,
+                )
+            },
+        },
         Workload {
             name: "sgemm-1024",
             unit: "GFLOP/s",

@@ -52,6 +52,11 @@ pub enum CheckpointError {
     },
 }
 
+/// Named tensors read from a file.
+pub type Tensors = HashMap<String, Tensor>;
+/// A file's string metadata.
+pub type Metadata = HashMap<String, String>;
+
 /// A tensor's bytes for safetensors.
 struct Raw {
     dtype: Dtype,
@@ -76,28 +81,83 @@ impl View for &Raw {
 
 fn to_raw(t: &Tensor) -> nerve_core::Result<Raw> {
     let (dtype, data): (Dtype, Vec<u8>) = match t.dtype() {
-        DType::F32 => (Dtype::F32, t.to_vec::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::F64 => (Dtype::F64, t.to_vec::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::F16 => (Dtype::F16, t.to_vec::<f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::BF16 => (Dtype::BF16, t.to_vec::<bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::I64 => (Dtype::I64, t.to_vec::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F32 => (
+            Dtype::F32,
+            t.to_vec::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::F64 => (
+            Dtype::F64,
+            t.to_vec::<f64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            Dtype::F16,
+            t.to_vec::<f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            Dtype::BF16,
+            t.to_vec::<bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::I64 => (
+            Dtype::I64,
+            t.to_vec::<i64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
         DType::Bool => (Dtype::BOOL, t.to_vec::<u8>()?),
     };
-    Ok(Raw { dtype, shape: t.dims().to_vec(), data })
+    Ok(Raw {
+        dtype,
+        shape: t.dims().to_vec(),
+        data,
+    })
 }
 
 fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
-    b.chunks_exact(N).map(|c| c.try_into().expect("exact chunk"))
+    b.chunks_exact(N)
+        .map(|c| c.try_into().expect("exact chunk"))
 }
 
 fn from_bytes(dtype: Dtype, shape: &[usize], b: &[u8]) -> Result<Tensor, String> {
     let t = match dtype {
-        Dtype::F32 => Tensor::from_vec(chunks::<4>(b).map(f32::from_le_bytes).collect::<Vec<_>>(), shape),
-        Dtype::F64 => Tensor::from_vec(chunks::<8>(b).map(f64::from_le_bytes).collect::<Vec<_>>(), shape),
-        Dtype::F16 => Tensor::from_vec(chunks::<2>(b).map(f16::from_le_bytes).collect::<Vec<_>>(), shape),
-        Dtype::BF16 => Tensor::from_vec(chunks::<2>(b).map(bf16::from_le_bytes).collect::<Vec<_>>(), shape),
-        Dtype::I64 => Tensor::from_vec(chunks::<8>(b).map(i64::from_le_bytes).collect::<Vec<_>>(), shape),
-        Dtype::I32 => Tensor::from_vec(chunks::<4>(b).map(|c| i32::from_le_bytes(c) as i64).collect::<Vec<_>>(), shape),
+        Dtype::F32 => Tensor::from_vec(
+            chunks::<4>(b).map(f32::from_le_bytes).collect::<Vec<_>>(),
+            shape,
+        ),
+        Dtype::F64 => Tensor::from_vec(
+            chunks::<8>(b).map(f64::from_le_bytes).collect::<Vec<_>>(),
+            shape,
+        ),
+        Dtype::F16 => Tensor::from_vec(
+            chunks::<2>(b).map(f16::from_le_bytes).collect::<Vec<_>>(),
+            shape,
+        ),
+        Dtype::BF16 => Tensor::from_vec(
+            chunks::<2>(b).map(bf16::from_le_bytes).collect::<Vec<_>>(),
+            shape,
+        ),
+        Dtype::I64 => Tensor::from_vec(
+            chunks::<8>(b).map(i64::from_le_bytes).collect::<Vec<_>>(),
+            shape,
+        ),
+        Dtype::I32 => Tensor::from_vec(
+            chunks::<4>(b)
+                .map(|c| i32::from_le_bytes(c) as i64)
+                .collect::<Vec<_>>(),
+            shape,
+        ),
         Dtype::U8 => Tensor::from_vec(b.iter().map(|&v| v as i64).collect::<Vec<_>>(), shape),
         Dtype::BOOL => Tensor::from_vec(b.to_vec(), shape),
         d => return Err(format!("unsupported dtype {d:?}")),
@@ -116,16 +176,27 @@ pub fn save_safetensors(
         .iter()
         .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
         .collect::<nerve_core::Result<_>>()
-        .map_err(|source| CheckpointError::Tensor { path: path.into(), source })?;
+        .map_err(|source| CheckpointError::Tensor {
+            path: path.into(),
+            source,
+        })?;
     let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &meta)
-        .map_err(|e| CheckpointError::Format { path: path.into(), msg: e.to_string() })?;
+    let bytes =
+        safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &meta).map_err(|e| {
+            CheckpointError::Format {
+                path: path.into(),
+                msg: e.to_string(),
+            }
+        })?;
     write_atomic(path, &bytes)
 }
 
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let io = |source| CheckpointError::Io { path: path.into(), source };
+    let io = |source| CheckpointError::Io {
+        path: path.into(),
+        source,
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -137,7 +208,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable (best effort: not every platform can sync a folder).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -146,53 +224,79 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 /// Read every tensor of a safetensors file, with its metadata.
-pub fn load_safetensors(
-    path: impl AsRef<Path>,
-) -> Result<(HashMap<String, Tensor>, HashMap<String, String>), CheckpointError> {
+pub fn load_safetensors(path: impl AsRef<Path>) -> Result<(Tensors, Metadata), CheckpointError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.into(), source })?;
-    let fmt = |msg: String| CheckpointError::Format { path: path.into(), msg };
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let fmt = |msg: String| CheckpointError::Format {
+        path: path.into(),
+        msg,
+    };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| fmt(e.to_string()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = from_bytes(view.dtype(), view.shape(), view.data()).map_err(|m| fmt(format!("tensor {name}: {m}")))?;
+        let t = from_bytes(view.dtype(), view.shape(), view.data())
+            .map_err(|m| fmt(format!("tensor {name}: {m}")))?;
         out.insert(name, t);
     }
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
 
 /// Save a model's `state_dict` (parameters and buffers) to a safetensors file.
-pub fn save_model(model: &dyn Module, path: impl AsRef<Path>, metadata: &HashMap<String, String>) -> Result<(), CheckpointError> {
+pub fn save_model(
+    model: &dyn Module,
+    path: impl AsRef<Path>,
+    metadata: &HashMap<String, String>,
+) -> Result<(), CheckpointError> {
     save_safetensors(path, &model.state_dict(), metadata)
 }
 
 /// Load a safetensors file into a model: every name must match and every shape fit, else
 /// nothing is changed. Returns the file's metadata.
-pub fn load_model(model: &dyn Module, path: impl AsRef<Path>) -> Result<HashMap<String, String>, CheckpointError> {
+pub fn load_model(
+    model: &dyn Module,
+    path: impl AsRef<Path>,
+) -> Result<HashMap<String, String>, CheckpointError> {
     let path = path.as_ref();
     let (tensors, meta) = load_safetensors(path)?;
     model
         .load_state_dict(&tensors, true)
-        .map_err(|source| CheckpointError::Mismatch { path: path.into(), source })?;
+        .map_err(|source| CheckpointError::Mismatch {
+            path: path.into(),
+            source,
+        })?;
     Ok(meta)
 }
 
-/// Save an optimizer's state to a safetensors file.
-pub fn save_optimizer(opt: &dyn Optimizer, path: impl AsRef<Path>) -> Result<(), CheckpointError> {
-    let mut meta = HashMap::new();
+/// Save an optimizer's state (and learning rate, plus any `metadata`) to a safetensors file.
+pub fn save_optimizer(
+    opt: &dyn Optimizer,
+    path: impl AsRef<Path>,
+    metadata: &HashMap<String, String>,
+) -> Result<(), CheckpointError> {
+    let mut meta = metadata.clone();
     meta.insert("lr".to_string(), opt.lr().to_string());
     save_safetensors(path, &opt.state_dict(), &meta)
 }
 
-/// Restore an optimizer's state (and learning rate) from a safetensors file.
-pub fn load_optimizer(opt: &mut dyn Optimizer, path: impl AsRef<Path>) -> Result<(), CheckpointError> {
+/// Restore an optimizer's state and learning rate from a safetensors file; returns the file's
+/// metadata. State of another optimizer or model is an error and changes nothing.
+pub fn load_optimizer(
+    opt: &mut dyn Optimizer,
+    path: impl AsRef<Path>,
+) -> Result<HashMap<String, String>, CheckpointError> {
     let path = path.as_ref();
     let (tensors, meta) = load_safetensors(path)?;
     opt.load_state_dict(&tensors)
-        .map_err(|source| CheckpointError::Tensor { path: path.into(), source })?;
+        .map_err(|source| CheckpointError::Tensor {
+            path: path.into(),
+            source,
+        })?;
     if let Some(lr) = meta.get("lr").and_then(|v| v.parse().ok()) {
         opt.set_lr(lr);
     }
-    Ok(())
+    Ok(meta)
 }

@@ -54,7 +54,12 @@ impl Linear {
     }
 
     /// A layer whose weight uses `init` (the bias keeps PyTorch's default).
-    pub fn with_init(in_features: usize, out_features: usize, bias: bool, init: Init) -> Result<Self> {
+    pub fn with_init(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self> {
         let weight = param(&[out_features, in_features]);
         let bias = bias.then(|| param(&[out_features]));
         default_weight_bias(&weight, bias.as_ref(), init)?;
@@ -159,10 +164,12 @@ impl ConvOptions {
 }
 
 fn check_groups(op: &'static str, cin: usize, cout: usize, groups: usize) -> Result<()> {
-    if groups == 0 || cin % groups != 0 || cout % groups != 0 {
+    if groups == 0 || !cin.is_multiple_of(groups) || !cout.is_multiple_of(groups) {
         return Err(Error::invalid(
             op,
-            format!("in_channels {cin} and out_channels {cout} must be divisible by groups {groups}"),
+            format!(
+                "in_channels {cin} and out_channels {cout} must be divisible by groups {groups}"
+            ),
         ));
     }
     Ok(())
@@ -180,12 +187,21 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// A square-kernel convolution with PyTorch's default initialisation.
-    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, options: ConvOptions) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        options: ConvOptions,
+    ) -> Result<Self> {
         check_groups("Conv2d", in_channels, out_channels, options.groups)?;
         let weight = param(&[out_channels, in_channels / options.groups, kernel, kernel]);
         let bias = options.bias.then(|| param(&[out_channels]));
         default_weight_bias(&weight, bias.as_ref(), options.init)?;
-        Ok(Self { weight, bias, options })
+        Ok(Self {
+            weight,
+            bias,
+            options,
+        })
     }
 }
 
@@ -231,26 +247,47 @@ pub struct Conv1d {
 
 impl Conv1d {
     /// A convolution with PyTorch's default initialisation.
-    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, options: ConvOptions) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        options: ConvOptions,
+    ) -> Result<Self> {
         check_groups("Conv1d", in_channels, out_channels, options.groups)?;
         let weight = param(&[out_channels, in_channels / options.groups, kernel]);
         let bias = options.bias.then(|| param(&[out_channels]));
         default_weight_bias(&weight, bias.as_ref(), options.init)?;
-        Ok(Self { weight, bias, options })
+        Ok(Self {
+            weight,
+            bias,
+            options,
+        })
     }
 }
 
 impl Module for Conv1d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let o = &self.options;
-        x.conv1d(&self.weight, self.bias.as_ref(), o.stride, o.padding, o.dilation, o.groups)
+        x.conv1d(
+            &self.weight,
+            self.bias.as_ref(),
+            o.stride,
+            o.padding,
+            o.dilation,
+            o.groups,
+        )
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
         weight_and_bias(&self.weight, &self.bias)
     }
     fn describe(&self) -> String {
         let d = self.weight.dims();
-        format!("Conv1d({}, {}, kernel_size=({},))", d[1] * self.options.groups, d[0], d[2])
+        format!(
+            "Conv1d({}, {}, kernel_size=({},))",
+            d[1] * self.options.groups,
+            d[0],
+            d[2]
+        )
     }
 }
 
@@ -266,12 +303,21 @@ pub struct ConvTranspose2d {
 
 impl ConvTranspose2d {
     /// A transposed convolution with PyTorch's default initialisation.
-    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, options: ConvOptions) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        options: ConvOptions,
+    ) -> Result<Self> {
         check_groups("ConvTranspose2d", in_channels, out_channels, options.groups)?;
         let weight = param(&[in_channels, out_channels / options.groups, kernel, kernel]);
         let bias = options.bias.then(|| param(&[out_channels]));
         default_weight_bias(&weight, bias.as_ref(), options.init)?;
-        Ok(Self { weight, bias, options })
+        Ok(Self {
+            weight,
+            bias,
+            options,
+        })
     }
 }
 
@@ -293,7 +339,13 @@ impl Module for ConvTranspose2d {
     }
     fn describe(&self) -> String {
         let d = self.weight.dims();
-        format!("ConvTranspose2d({}, {}, kernel_size=({}, {}))", d[0], d[1] * self.options.groups, d[2], d[3])
+        format!(
+            "ConvTranspose2d({}, {}, kernel_size=({}, {}))",
+            d[0],
+            d[1] * self.options.groups,
+            d[2],
+            d[3]
+        )
     }
 }
 
@@ -312,7 +364,11 @@ pub struct MaxPool2d {
 impl MaxPool2d {
     /// `MaxPool2d(kernel)` with stride = kernel, no padding.
     pub fn new(kernel: usize) -> Self {
-        Self { kernel, stride: kernel, padding: 0 }
+        Self {
+            kernel,
+            stride: kernel,
+            padding: 0,
+        }
     }
 }
 
@@ -322,7 +378,10 @@ impl Module for MaxPool2d {
         x.max_pool2d((k, k), (s, s), (p, p), (1, 1), false)
     }
     fn describe(&self) -> String {
-        format!("MaxPool2d(kernel_size={}, stride={}, padding={})", self.kernel, self.stride, self.padding)
+        format!(
+            "MaxPool2d(kernel_size={}, stride={}, padding={})",
+            self.kernel, self.stride, self.padding
+        )
     }
 }
 
@@ -339,7 +398,11 @@ pub struct AvgPool2d {
 impl AvgPool2d {
     /// `AvgPool2d(kernel)` with stride = kernel, no padding.
     pub fn new(kernel: usize) -> Self {
-        Self { kernel, stride: kernel, padding: 0 }
+        Self {
+            kernel,
+            stride: kernel,
+            padding: 0,
+        }
     }
 }
 
@@ -349,7 +412,10 @@ impl Module for AvgPool2d {
         x.avg_pool2d((k, k), (s, s), (p, p), false, true)
     }
     fn describe(&self) -> String {
-        format!("AvgPool2d(kernel_size={}, stride={}, padding={})", self.kernel, self.stride, self.padding)
+        format!(
+            "AvgPool2d(kernel_size={}, stride={}, padding={})",
+            self.kernel, self.stride, self.padding
+        )
     }
 }
 
@@ -421,12 +487,25 @@ impl BatchNorm {
 impl Module for BatchNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.weight.numel();
-        let ok = x.rank() >= 2 && x.dims()[1] == c && (if self.rank == 2 { x.rank() == 4 } else { x.rank() <= 3 });
+        let ok = x.rank() >= 2
+            && x.dims()[1] == c
+            && (if self.rank == 2 {
+                x.rank() == 4
+            } else {
+                x.rank() <= 3
+            });
         if !ok {
             return Err(Error::bad_shape(
-                if self.rank == 2 { "BatchNorm2d" } else { "BatchNorm1d" },
+                if self.rank == 2 {
+                    "BatchNorm2d"
+                } else {
+                    "BatchNorm1d"
+                },
                 x.dims(),
-                format!("expected [N, {c}{}]", if self.rank == 2 { ", H, W" } else { "(, L)" }),
+                format!(
+                    "expected [N, {c}{}]",
+                    if self.rank == 2 { ", H, W" } else { "(, L)" }
+                ),
             ));
         }
         // Reduce over every dim but the channel one; per-channel tensors broadcast as [C, 1, ..].
@@ -434,15 +513,37 @@ impl Module for BatchNorm {
         let mut bshape = vec![c as isize];
         bshape.extend(std::iter::repeat_n(1, x.rank() - 2));
         let (mean, var) = if self.training.load(Ordering::Relaxed) {
+            let n = x.numel() / c;
+            if n < 2 {
+                return Err(Error::bad_shape(
+                    "BatchNorm",
+                    x.dims(),
+                    "expected more than 1 value per channel when training",
+                ));
+            }
             let mean = x.mean_dim(&dims, false)?;
             let var = x.var_dim(&dims, 0, false)?;
-            let n = x.numel() / c;
             no_grad(|| -> Result<()> {
                 let m = self.momentum;
-                let unbiased = var.mul_scalar(n as f64 / (n.max(2) - 1) as f64)?;
-                self.running_mean.copy_(&self.running_mean.affine(1.0 - m, 0.0)?.add(&mean.mul_scalar(m)?)?)?;
-                self.running_var.copy_(&self.running_var.affine(1.0 - m, 0.0)?.add(&unbiased.mul_scalar(m)?)?)?;
-                self.num_batches_tracked.copy_(&self.num_batches_tracked.to_dtype(DType::F64)?.add_scalar(1.0)?)?;
+                let unbiased = var.mul_scalar(n as f64 / (n - 1) as f64)?;
+                self.running_mean.copy_(
+                    &self
+                        .running_mean
+                        .affine(1.0 - m, 0.0)?
+                        .add(&mean.mul_scalar(m)?)?,
+                )?;
+                self.running_var.copy_(
+                    &self
+                        .running_var
+                        .affine(1.0 - m, 0.0)?
+                        .add(&unbiased.mul_scalar(m)?)?,
+                )?;
+                self.num_batches_tracked.copy_(
+                    &self
+                        .num_batches_tracked
+                        .to_dtype(DType::F64)?
+                        .add_scalar(1.0)?,
+                )?;
                 Ok(())
             })?;
             (mean, var)
@@ -451,23 +552,36 @@ impl Module for BatchNorm {
         };
         let scale = var.add_scalar(self.eps)?.rsqrt()?.mul(&self.weight)?;
         let shift = self.bias.sub(&mean.mul(&scale)?)?;
-        x.mul(&scale.reshape(&bshape)?)?.add(&shift.reshape(&bshape)?)
+        x.mul(&scale.reshape(&bshape)?)?
+            .add(&shift.reshape(&bshape)?)
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
-        vec![("weight".into(), self.weight.clone()), ("bias".into(), self.bias.clone())]
+        vec![
+            ("weight".into(), self.weight.clone()),
+            ("bias".into(), self.bias.clone()),
+        ]
     }
     fn own_buffers(&self) -> Vec<(String, Tensor)> {
         vec![
             ("running_mean".into(), self.running_mean.clone()),
             ("running_var".into(), self.running_var.clone()),
-            ("num_batches_tracked".into(), self.num_batches_tracked.clone()),
+            (
+                "num_batches_tracked".into(),
+                self.num_batches_tracked.clone(),
+            ),
         ]
     }
     fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
     }
     fn describe(&self) -> String {
-        format!("BatchNorm{}d({}, eps={}, momentum={})", self.rank, self.weight.numel(), self.eps, self.momentum)
+        format!(
+            "BatchNorm{}d({}, eps={}, momentum={})",
+            self.rank,
+            self.weight.numel(),
+            self.eps,
+            self.momentum
+        )
     }
 }
 
@@ -584,8 +698,11 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// `GroupNorm(num_groups, num_channels)`.
     pub fn new(groups: usize, channels: usize) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
-            return Err(Error::invalid("GroupNorm", format!("{channels} channels not divisible into {groups} groups")));
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            return Err(Error::invalid(
+                "GroupNorm",
+                format!("{channels} channels not divisible into {groups} groups"),
+            ));
         }
         Ok(Self {
             groups,
@@ -600,7 +717,11 @@ impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.weight.numel();
         if x.rank() < 2 || x.dims()[1] != c {
-            return Err(Error::bad_shape("GroupNorm", x.dims(), format!("expected [N, {c}, *]")));
+            return Err(Error::bad_shape(
+                "GroupNorm",
+                x.dims(),
+                format!("expected [N, {c}, *]"),
+            ));
         }
         let n = x.dims()[0] as isize;
         let g = x.reshape(&[n, self.groups as isize, -1])?;
@@ -611,13 +732,23 @@ impl Module for GroupNorm {
         let dims: Vec<isize> = x.dims().iter().map(|&d| d as isize).collect();
         let mut bshape = vec![c as isize];
         bshape.extend(std::iter::repeat_n(1, x.rank() - 2));
-        y.reshape(&dims)?.mul(&self.weight.reshape(&bshape)?)?.add(&self.bias.reshape(&bshape)?)
+        y.reshape(&dims)?
+            .mul(&self.weight.reshape(&bshape)?)?
+            .add(&self.bias.reshape(&bshape)?)
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
-        vec![("weight".into(), self.weight.clone()), ("bias".into(), self.bias.clone())]
+        vec![
+            ("weight".into(), self.weight.clone()),
+            ("bias".into(), self.bias.clone()),
+        ]
     }
     fn describe(&self) -> String {
-        format!("GroupNorm({}, {}, eps={})", self.groups, self.weight.numel(), self.eps)
+        format!(
+            "GroupNorm({}, {}, eps={})",
+            self.groups,
+            self.weight.numel(),
+            self.eps
+        )
     }
 }
 
@@ -661,7 +792,10 @@ pub struct Dropout {
 impl Dropout {
     /// `Dropout(p)`.
     pub fn new(p: f64) -> Self {
-        Self { p, training: AtomicBool::new(true) }
+        Self {
+            p,
+            training: AtomicBool::new(true),
+        }
     }
 }
 
@@ -749,7 +883,10 @@ impl Module for GELU {
         }
     }
     fn describe(&self) -> String {
-        format!("GELU(approximate='{}')", if self.tanh { "tanh" } else { "none" })
+        format!(
+            "GELU(approximate='{}')",
+            if self.tanh { "tanh" } else { "none" }
+        )
     }
 }
 

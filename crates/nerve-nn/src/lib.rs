@@ -38,9 +38,9 @@ pub mod optim;
 pub use checkpoint::{load_model, load_optimizer, save_model, save_optimizer, CheckpointError};
 pub use init::Init;
 pub use layers::{
-    batch_norm1d, batch_norm2d, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv1d, Conv2d, ConvOptions,
-    ConvTranspose2d, Dropout, Embedding, Flatten, GroupNorm, LayerNorm, LeakyReLU, Linear, MaxPool2d,
-    ReLU, RmsNorm, SiLU, Sigmoid, Softmax, Tanh, GELU,
+    batch_norm1d, batch_norm2d, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv1d, Conv2d,
+    ConvOptions, ConvTranspose2d, Dropout, Embedding, Flatten, GroupNorm, LayerNorm, LeakyReLU,
+    Linear, MaxPool2d, ReLU, RmsNorm, SiLU, Sigmoid, Softmax, Tanh, GELU,
 };
 pub use lr::LrSchedule;
 pub use module::{Module, ModuleExt, Sequential, StateDictError};

@@ -24,7 +24,10 @@ fn reduce(op: &'static str, l: Tensor, r: Reduction) -> Result<Tensor> {
         Reduction::Mean => l.mean(),
         Reduction::Sum => l.sum(),
         Reduction::BatchMean => {
-            let n = *l.dims().first().ok_or_else(|| Error::invalid(op, "batchmean of a scalar"))?;
+            let n = *l
+                .dims()
+                .first()
+                .ok_or_else(|| Error::invalid(op, "batchmean of a scalar"))?;
             l.sum()?.div_scalar(n.max(1) as f64)
         }
     }
@@ -68,7 +71,11 @@ fn as_rows(op: &'static str, logits: &Tensor, target: &Tensor) -> Result<(Tensor
         return Ok((logits.unsqueeze(0)?, target.reshape(&[1])?));
     }
     if r < 2 {
-        return Err(Error::bad_shape(op, logits.dims(), "expected logits [N, C, ...]"));
+        return Err(Error::bad_shape(
+            op,
+            logits.dims(),
+            "expected logits [N, C, ...]",
+        ));
     }
     let mut want = vec![logits.dims()[0]];
     want.extend_from_slice(&logits.dims()[2..]);
@@ -79,14 +86,22 @@ fn as_rows(op: &'static str, logits: &Tensor, target: &Tensor) -> Result<(Tensor
     let rows = if r == 2 {
         logits.clone()
     } else {
-        logits.transpose(1, -1)?.reshape(&[-1, c])?
+        // [N, C, d1, ...] -> [N, d1, ..., C], so rows follow the target's (n, d1, ...) order.
+        let mut perm: Vec<isize> = vec![0];
+        perm.extend(2..r as isize);
+        perm.push(1);
+        logits.permute(&perm)?.reshape(&[-1, c])?
     };
     Ok((rows, target.reshape(&[-1])?))
 }
 
 /// Cross-entropy between logits `[N, C]` (or `[N, C, d…]`, or `[C]`) and class indices
 /// (i64 `[N]` / `[N, d…]`), as `torch.nn.functional.cross_entropy`.
-pub fn cross_entropy(logits: &Tensor, target: &Tensor, opts: &CrossEntropyOptions) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    target: &Tensor,
+    opts: &CrossEntropyOptions,
+) -> Result<Tensor> {
     const OP: &str = "cross_entropy";
     if target.dtype() != DType::I64 {
         if target.dims() == logits.dims() {
@@ -101,7 +116,12 @@ pub fn cross_entropy(logits: &Tensor, target: &Tensor, opts: &CrossEntropyOption
     let per_row = match rows.dtype() {
         DType::F32 => fused_ce::<f32>(&rows, &tgt, opts)?,
         DType::F64 => fused_ce::<f64>(&rows, &tgt, opts)?,
-        d => return Err(Error::invalid(OP, format!("logits must be f32 or f64, got {d:?}"))),
+        d => {
+            return Err(Error::invalid(
+                OP,
+                format!("logits must be f32 or f64, got {d:?}"),
+            ))
+        }
     };
     let (losses, denom) = per_row;
     match opts.reduction {
@@ -121,13 +141,20 @@ pub fn cross_entropy(logits: &Tensor, target: &Tensor, opts: &CrossEntropyOption
 
 /// The fused kernel: per-row losses (differentiable w.r.t. the logits) and the mean's
 /// denominator (sum of the target weights over non-ignored rows).
-fn fused_ce<T: Float>(rows: &Tensor, tgt: &Tensor, opts: &CrossEntropyOptions) -> Result<(Tensor, f64)> {
+fn fused_ce<T: Float>(
+    rows: &Tensor,
+    tgt: &Tensor,
+    opts: &CrossEntropyOptions,
+) -> Result<(Tensor, f64)> {
     const OP: &str = "cross_entropy";
     let (n, c) = (rows.dims()[0], rows.dims()[1]);
     let t: Vec<i64> = tgt.to_vec()?;
     for &y in &t {
         if y != opts.ignore_index && (y < 0 || y as usize >= c) {
-            return Err(Error::invalid(OP, format!("target {y} out of range for {c} classes")));
+            return Err(Error::invalid(
+                OP,
+                format!("target {y} out of range for {c} classes"),
+            ));
         }
     }
     let w: Option<Vec<f64>> = match &opts.weight {
@@ -137,7 +164,10 @@ fn fused_ce<T: Float>(rows: &Tensor, tgt: &Tensor, opts: &CrossEntropyOptions) -
     };
     let eps = opts.label_smoothing;
     if !(0.0..=1.0).contains(&eps) {
-        return Err(Error::invalid(OP, format!("label_smoothing {eps} not in [0, 1]")));
+        return Err(Error::invalid(
+            OP,
+            format!("label_smoothing {eps} not in [0, 1]"),
+        ));
     }
     let wc = move |k: usize| w.as_ref().map_or(1.0, |w| w[k]);
     let sum_w: f64 = (0..c).map(&wc).sum();
@@ -152,7 +182,9 @@ fn fused_ce<T: Float>(rows: &Tensor, tgt: &Tensor, opts: &CrossEntropyOptions) -
             }
             let y = y as usize;
             let row = &xs[i * c..(i + 1) * c];
-            let m = row.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            let m = row
+                .iter()
+                .fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
             let lse = row.iter().map(|&v| (v - m).exp()).sum::<T>().ln() + m;
             let wy = wc(y);
             let mut l = wy * (1.0 - eps) * (lse - row[y]).to_f64();
@@ -178,7 +210,9 @@ fn fused_ce<T: Float>(rows: &Tensor, tgt: &Tensor, opts: &CrossEntropyOptions) -
                 }
                 let y = y as usize;
                 let row = &xs[i * c..(i + 1) * c];
-                let m = row.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                let m = row
+                    .iter()
+                    .fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
                 let d = &mut dx[i * c..(i + 1) * c];
                 let mut z = T::ZERO;
                 for (dk, &v) in d.iter_mut().zip(row) {
@@ -201,7 +235,11 @@ fn fused_ce<T: Float>(rows: &Tensor, tgt: &Tensor, opts: &CrossEntropyOptions) -
 }
 
 /// Cross-entropy with probability targets shaped like the logits.
-fn cross_entropy_probs(logits: &Tensor, target: &Tensor, opts: &CrossEntropyOptions) -> Result<Tensor> {
+fn cross_entropy_probs(
+    logits: &Tensor,
+    target: &Tensor,
+    opts: &CrossEntropyOptions,
+) -> Result<Tensor> {
     const OP: &str = "cross_entropy";
     let cdim: isize = if logits.rank() == 1 { 0 } else { 1 };
     let c = logits.dims()[cdim as usize];
@@ -233,23 +271,33 @@ pub fn nll_loss(logp: &Tensor, target: &Tensor, opts: &CrossEntropyOptions) -> R
     let t: Vec<i64> = tgt.to_vec()?;
     let mut idx = Vec::with_capacity(t.len());
     let mut wts = Vec::with_capacity(t.len());
-    let w: Option<Vec<f64>> = opts.weight.as_ref().map(|w| w.to_f64_vec());
+    let w: Option<Vec<f64>> = match &opts.weight {
+        Some(w) if w.dims() != [c] => return Err(Error::shape_mismatch(OP, &[c], w.dims())),
+        Some(w) => Some(w.to_f64_vec()),
+        None => None,
+    };
     for &y in &t {
         if y == opts.ignore_index {
             idx.push(0);
             wts.push(0.0);
         } else if y < 0 || y as usize >= c {
-            return Err(Error::invalid(OP, format!("target {y} out of range for {c} classes")));
+            return Err(Error::invalid(
+                OP,
+                format!("target {y} out of range for {c} classes"),
+            ));
         } else {
             idx.push(y);
             wts.push(w.as_ref().map_or(1.0, |w| w[y as usize]));
         }
     }
     let n = t.len();
-    let picked = rows.gather(1, &Tensor::from_vec(idx, [n, 1])?)?.reshape(&[-1])?;
+    let picked = rows
+        .gather(1, &Tensor::from_vec(idx, [n, 1])?)?
+        .reshape(&[-1])?;
     let wt = Tensor::from_vec(wts.clone(), [n])?.to_dtype(rows.dtype())?;
     let l = picked.mul(&wt)?.neg()?;
     match opts.reduction {
+        Reduction::None if logp.rank() == 1 => l.reshape(&[]),
         Reduction::None => {
             let mut shape: Vec<isize> = vec![logp.dims()[0] as isize];
             shape.extend(logp.dims()[2..].iter().map(|&d| d as isize));
@@ -273,7 +321,12 @@ pub fn l1_loss(input: &Tensor, target: &Tensor, reduction: Reduction) -> Result<
 }
 
 /// Smooth L1: `0.5 d² / beta` where `|d| < beta`, else `|d| - 0.5 beta`.
-pub fn smooth_l1_loss(input: &Tensor, target: &Tensor, beta: f64, reduction: Reduction) -> Result<Tensor> {
+pub fn smooth_l1_loss(
+    input: &Tensor,
+    target: &Tensor,
+    beta: f64,
+    reduction: Reduction,
+) -> Result<Tensor> {
     same_shape("smooth_l1_loss", input, target)?;
     let d = input.sub(target)?.abs()?;
     if beta == 0.0 {
@@ -286,7 +339,12 @@ pub fn smooth_l1_loss(input: &Tensor, target: &Tensor, beta: f64, reduction: Red
 }
 
 /// Huber: `0.5 d²` where `|d| < delta`, else `delta (|d| - 0.5 delta)`.
-pub fn huber_loss(input: &Tensor, target: &Tensor, delta: f64, reduction: Reduction) -> Result<Tensor> {
+pub fn huber_loss(
+    input: &Tensor,
+    target: &Tensor,
+    delta: f64,
+    reduction: Reduction,
+) -> Result<Tensor> {
     same_shape("huber_loss", input, target)?;
     let d = input.sub(target)?.abs()?;
     let quad = d.square()?.mul_scalar(0.5)?;
@@ -296,11 +354,19 @@ pub fn huber_loss(input: &Tensor, target: &Tensor, delta: f64, reduction: Reduct
 }
 
 /// Binary cross-entropy of probabilities (logs clamped at −100, as PyTorch).
-pub fn binary_cross_entropy(p: &Tensor, y: &Tensor, weight: Option<&Tensor>, reduction: Reduction) -> Result<Tensor> {
+pub fn binary_cross_entropy(
+    p: &Tensor,
+    y: &Tensor,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+) -> Result<Tensor> {
     same_shape("binary_cross_entropy", p, y)?;
     let lp = p.log()?.clamp(Some(-100.0), None)?;
     let lq = p.neg()?.add_scalar(1.0)?.log()?.clamp(Some(-100.0), None)?;
-    let mut l = y.mul(&lp)?.add(&y.neg()?.add_scalar(1.0)?.mul(&lq)?)?.neg()?;
+    let mut l = y
+        .mul(&lp)?
+        .add(&y.neg()?.add_scalar(1.0)?.mul(&lq)?)?
+        .neg()?;
     if let Some(w) = weight {
         l = l.mul(w)?;
     }
@@ -333,7 +399,12 @@ pub fn binary_cross_entropy_with_logits(
 /// KL divergence `target · (log target − input)` with `input` as log-probabilities (and
 /// `target` as log-probabilities too when `log_target`). PyTorch's default reduction is `Mean`
 /// over elements; `BatchMean` is the true KL mean.
-pub fn kl_div(input: &Tensor, target: &Tensor, reduction: Reduction, log_target: bool) -> Result<Tensor> {
+pub fn kl_div(
+    input: &Tensor,
+    target: &Tensor,
+    reduction: Reduction,
+    log_target: bool,
+) -> Result<Tensor> {
     same_shape("kl_div", input, target)?;
     let l = if log_target {
         target.exp()?.mul(&target.sub(input)?)?
@@ -351,7 +422,11 @@ pub fn accuracy(logits: &Tensor, target: &Tensor) -> Result<f64> {
     let pred: Vec<i64> = no_grad(|| logits.argmax(-1, false))?.to_vec()?;
     let t: Vec<i64> = target.to_vec()?;
     if pred.len() != t.len() {
-        return Err(Error::shape_mismatch("accuracy", logits.dims(), target.dims()));
+        return Err(Error::shape_mismatch(
+            "accuracy",
+            logits.dims(),
+            target.dims(),
+        ));
     }
     Ok(pred.iter().zip(&t).filter(|(a, b)| a == b).count() as f64 / t.len().max(1) as f64)
 }

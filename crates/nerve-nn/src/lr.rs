@@ -66,7 +66,9 @@ impl LrSchedule {
     pub fn lr(&self, base: f64, step: usize) -> f64 {
         match self {
             LrSchedule::Constant => base,
-            LrSchedule::Step { step_size, gamma } => base * gamma.powi((step / (*step_size).max(1)) as i32),
+            LrSchedule::Step { step_size, gamma } => {
+                base * gamma.powi((step / (*step_size).max(1)) as i32)
+            }
             LrSchedule::MultiStep { milestones, gamma } => {
                 base * gamma.powi(milestones.iter().filter(|&&m| m <= step).count() as i32)
             }
@@ -74,7 +76,11 @@ impl LrSchedule {
             LrSchedule::Cosine { t_max, eta_min } => {
                 cos_interp(base, *eta_min, step as f64 / (*t_max).max(1) as f64)
             }
-            LrSchedule::WarmupCosine { warmup, total, eta_min } => {
+            LrSchedule::WarmupCosine {
+                warmup,
+                total,
+                eta_min,
+            } => {
                 if step < *warmup {
                     base * (step + 1) as f64 / *warmup as f64
                 } else {
@@ -82,7 +88,12 @@ impl LrSchedule {
                     cos_interp(base, *eta_min, (step - warmup) as f64 / span as f64)
                 }
             }
-            LrSchedule::OneCycle { total, pct_start, div_factor, final_div_factor } => {
+            LrSchedule::OneCycle {
+                total,
+                pct_start,
+                div_factor,
+                final_div_factor,
+            } => {
                 let initial = base / div_factor;
                 let min = initial / final_div_factor;
                 let up = (pct_start * *total as f64 - 1.0).max(1.0);

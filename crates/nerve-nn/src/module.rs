@@ -41,12 +41,16 @@ pub trait Module: Send + Sync {
 
 /// Recursive helpers every module gets.
 pub trait ModuleExt: Module {
-    /// Every parameter with its full dotted name, in PyTorch's order.
+    /// Every parameter with its full dotted name, in PyTorch's order; a parameter shared by
+    /// several modules (tied weights) is listed once, under its first name.
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         walk(self.as_dyn(), "", &mut |prefix, m| {
             for (n, t) in m.own_parameters() {
-                out.push((format!("{prefix}{n}"), t));
+                if seen.insert(t.id()) {
+                    out.push((format!("{prefix}{n}"), t));
+                }
             }
         });
         out
@@ -54,7 +58,10 @@ pub trait ModuleExt: Module {
 
     /// Every parameter.
     fn parameters(&self) -> Vec<Tensor> {
-        self.named_parameters().into_iter().map(|(_, t)| t).collect()
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
     }
 
     /// Every buffer with its full dotted name.
@@ -122,7 +129,11 @@ pub trait ModuleExt: Module {
                 t.copy_(s).map_err(|e| StateDictError {
                     missing: Vec::new(),
                     unexpected: Vec::new(),
-                    mismatched: vec![(format!("{name}: {e}"), t.dims().to_vec(), s.dims().to_vec())],
+                    mismatched: vec![(
+                        format!("{name}: {e}"),
+                        t.dims().to_vec(),
+                        s.dims().to_vec(),
+                    )],
                 })?;
             }
         }
@@ -144,12 +155,19 @@ pub trait ModuleExt: Module {
         self.parameters().iter().map(Tensor::numel).sum()
     }
 
-    /// Turn gradients off (`freeze = true`) or on for every parameter whose name starts with
-    /// `prefix` (`""` for all); returns how many parameters were changed.
+    /// Turn gradients off (`freeze = true`) or on for the parameters under `prefix`, a dotted
+    /// name or module path (`"features.1"` covers `features.1.weight`, not
+    /// `features.10.weight`; `""` covers all); returns how many parameters were changed.
     fn set_frozen(&self, prefix: &str, freeze: bool) -> usize {
         let mut n = 0;
+        let prefix = prefix.trim_end_matches('.');
         for (name, t) in self.named_parameters() {
-            if name.starts_with(prefix) {
+            let under = prefix.is_empty()
+                || name == prefix
+                || name
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('.'));
+            if under {
                 t.set_requires_grad(!freeze);
                 n += 1;
             }
@@ -235,9 +253,15 @@ impl std::fmt::Display for StateDictError {
             parts.push(format!("unexpected keys: {}", self.unexpected.join(", ")));
         }
         for (n, a, b) in &self.mismatched {
-            parts.push(format!("size mismatch for {n}: the model has {a:?}, the checkpoint {b:?}"));
+            parts.push(format!(
+                "size mismatch for {n}: the model has {a:?}, the checkpoint {b:?}"
+            ));
         }
-        write!(f, "state dict does not match the model: {}", parts.join("; "))
+        write!(
+            f,
+            "state dict does not match the model: {}",
+            parts.join("; ")
+        )
     }
 }
 

@@ -18,7 +18,10 @@ where
     match p.dtype() {
         DType::F32 => run::<f32, F>(p, &g, states, f),
         DType::F64 => run::<f64, F>(p, &g, states, f),
-        d => Err(Error::invalid("optimizer", format!("parameters must be f32 or f64, got {d:?}"))),
+        d => Err(Error::invalid(
+            "optimizer",
+            format!("parameters must be f32 or f64, got {d:?}"),
+        )),
     }
 }
 
@@ -36,7 +39,10 @@ where
 {
     // Take the state buffers out as owned vectors, update, and write them back: each tensor
     // has its own lock, so nested closures would do too, but this keeps it simple.
-    let mut bufs: Vec<Vec<T>> = states.iter().map(|s| s.to_vec::<T>()).collect::<Result<_>>()?;
+    let mut bufs: Vec<Vec<T>> = states
+        .iter()
+        .map(|s| s.to_vec::<T>())
+        .collect::<Result<_>>()?;
     g.with_data::<T, _>(|gs| {
         p.with_data_mut::<T, _>(|ps| {
             let views: Vec<&mut [T]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
@@ -94,34 +100,57 @@ pub trait Optimizer {
     fn lr(&self) -> f64;
     /// Set the learning rate (for schedules).
     fn set_lr(&mut self, lr: f64);
-    /// State tensors by name (`state.<param index>.<buffer>`, plus `step`), for checkpoints.
+    /// State tensors by name (`state.<param index>.<buffer>` and `state.<param index>.step`,
+    /// as in PyTorch's optimizer `state_dict`), for checkpoints.
     fn state_dict(&self) -> Vec<(String, Tensor)>;
     /// Restore state saved by [`Optimizer::state_dict`]; shapes are checked before anything
     /// is changed.
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
 }
 
-/// Per-parameter state buffers (created lazily like PyTorch's) and the step count.
+/// Per-parameter state buffers and step counts (created lazily, per parameter, like
+/// PyTorch's: a parameter that first gets a gradient late starts at step 1).
 struct State {
     names: &'static [&'static str],
     bufs: Vec<Option<Vec<Tensor>>>,
-    step: u64,
+    steps: Vec<u64>,
 }
 
 impl State {
     fn new(n: usize, names: &'static [&'static str]) -> Self {
-        Self { names, bufs: vec![None; n], step: 0 }
+        Self {
+            names,
+            bufs: vec![None; n],
+            steps: vec![0; n],
+        }
+    }
+
+    /// Count one more step of parameter `i` and return its step number (from 1).
+    fn tick(&mut self, i: usize) -> u64 {
+        self.steps[i] += 1;
+        self.steps[i]
     }
 
     fn get(&mut self, i: usize, p: &Tensor) -> Vec<Tensor> {
         self.bufs[i]
-            .get_or_insert_with(|| self.names.iter().map(|_| Tensor::zeros_like(&p.detach())).collect())
+            .get_or_insert_with(|| {
+                self.names
+                    .iter()
+                    .map(|_| Tensor::zeros_like(&p.detach()))
+                    .collect()
+            })
             .clone()
     }
 
     fn state_dict(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("step".to_string(), Tensor::scalar(self.step as i64))];
+        let mut out = Vec::new();
         for (i, b) in self.bufs.iter().enumerate() {
+            if self.steps[i] > 0 {
+                out.push((
+                    format!("state.{i}.step"),
+                    Tensor::scalar(self.steps[i] as i64),
+                ));
+            }
             if let Some(b) = b {
                 for (n, t) in self.names.iter().zip(b) {
                     out.push((format!("state.{i}.{n}"), t.clone()));
@@ -132,29 +161,49 @@ impl State {
     }
 
     fn load(&mut self, params: &[Tensor], state: &HashMap<String, Tensor>) -> Result<()> {
-        let mut new = vec![None; params.len()];
+        const OP: &str = "optimizer state";
+        // Every key must be ours: state from another optimizer is an error, not half a load.
+        for k in state.keys() {
+            let ok = k
+                .strip_prefix("state.")
+                .and_then(|r| r.split_once('.'))
+                .is_some_and(|(i, n)| {
+                    i.parse::<usize>().is_ok_and(|i| i < params.len())
+                        && (n == "step" || self.names.contains(&n))
+                });
+            if !ok {
+                return Err(Error::invalid(
+                    OP,
+                    format!("unexpected entry `{k}` (state of another optimizer or model?)"),
+                ));
+            }
+        }
+        let mut bufs = vec![None; params.len()];
+        let mut steps = vec![0; params.len()];
         for (i, p) in params.iter().enumerate() {
             let mut found = Vec::new();
             for n in self.names {
                 if let Some(t) = state.get(&format!("state.{i}.{n}")) {
                     if t.dims() != p.dims() {
-                        return Err(Error::shape_mismatch("optimizer state", p.dims(), t.dims()));
+                        return Err(Error::shape_mismatch(OP, p.dims(), t.dims()));
                     }
                     found.push(t.to_dtype(p.dtype())?.copy()?);
                 }
             }
             if found.len() == self.names.len() {
-                new[i] = Some(found);
+                bufs[i] = Some(found);
             } else if !found.is_empty() {
-                return Err(Error::invalid("optimizer state", format!("parameter {i} has only part of its state")));
+                return Err(Error::invalid(
+                    OP,
+                    format!("parameter {i} has only part of its state"),
+                ));
+            }
+            if let Some(s) = state.get(&format!("state.{i}.step")) {
+                steps[i] = s.to_f64_vec().first().copied().unwrap_or(0.0) as u64;
             }
         }
-        let step = match state.get("step") {
-            Some(s) => s.to_f64_vec().first().copied().unwrap_or(0.0) as u64,
-            None => 0,
-        };
-        self.bufs = new;
-        self.step = step;
+        self.bufs = bufs;
+        self.steps = steps;
         Ok(())
     }
 }
@@ -179,18 +228,35 @@ impl Sgd {
     /// `SGD(params, lr)` with no momentum or decay.
     pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
         let n = params.len();
-        Self { params, lr, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0, state: State::new(n, &["momentum_buffer"]) }
+        Self {
+            params,
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            state: State::new(n, &["momentum_buffer"]),
+        }
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self) -> Result<()> {
-        self.state.step += 1;
-        let first = self.state.step == 1;
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
-            let bufs = if self.momentum != 0.0 { self.state.get(i, p) } else { Vec::new() };
-            let (lr, mom, damp, nest, wd) = (self.lr, self.momentum, self.dampening, self.nesterov, self.weight_decay);
+            let first = self.state.tick(i) == 1;
+            let bufs = if self.momentum != 0.0 {
+                self.state.get(i, p)
+            } else {
+                Vec::new()
+            };
+            let (lr, mom, damp, nest, wd) = (
+                self.lr,
+                self.momentum,
+                self.dampening,
+                self.nesterov,
+                self.weight_decay,
+            );
             let refs: Vec<&Tensor> = bufs.iter().collect();
             with_param(p, &g, &refs, |sl| {
                 update!(sl, |p, g, s| {
@@ -198,7 +264,11 @@ impl Optimizer for Sgd {
                         let mut d = g[k].to_f64() + wd * p[k].to_f64();
                         if mom != 0.0 {
                             let b = &mut s[0][k];
-                            let nb = if first { d } else { mom * b.to_f64() + (1.0 - damp) * d };
+                            let nb = if first {
+                                d
+                            } else {
+                                mom * b.to_f64() + (1.0 - damp) * d
+                            };
                             *b = Element::from_f64(nb);
                             d = if nest { d + mom * nb } else { nb };
                         }
@@ -246,25 +316,36 @@ impl Adam {
     /// `Adam(params, lr)`: betas (0.9, 0.999), eps 1e-8, no decay.
     pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
         let n = params.len();
-        Self { params, lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, decoupled: false, state: State::new(n, &["exp_avg", "exp_avg_sq"]) }
+        Self {
+            params,
+            lr,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: false,
+            state: State::new(n, &["exp_avg", "exp_avg_sq"]),
+        }
     }
 
     /// `AdamW(params, lr, weight_decay)` (PyTorch's default decay is 0.01).
     pub fn adamw(params: Vec<Tensor>, lr: f64, weight_decay: f64) -> Self {
-        Self { weight_decay, decoupled: true, ..Self::new(params, lr) }
+        Self {
+            weight_decay,
+            decoupled: true,
+            ..Self::new(params, lr)
+        }
     }
 }
 
 impl Optimizer for Adam {
     fn step(&mut self) -> Result<()> {
-        self.state.step += 1;
-        let t = self.state.step as i32;
         let (b1, b2) = self.betas;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let (lr, eps, wd, decoupled) = (self.lr, self.eps, self.weight_decay, self.decoupled);
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
+            let t = self.state.tick(i) as i32;
+            let bc1 = 1.0 - b1.powi(t);
+            let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
             let bufs = self.state.get(i, p);
             let refs: Vec<&Tensor> = bufs.iter().collect();
             with_param(p, &g, &refs, |sl| {
@@ -331,16 +412,30 @@ impl RmsProp {
     /// `RMSprop(params, lr)`: alpha 0.99, eps 1e-8.
     pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
         let n = params.len();
-        Self { params, lr, alpha: 0.99, eps: 1e-8, momentum: 0.0, weight_decay: 0.0, state: State::new(n, &["square_avg", "momentum_buffer"]) }
+        Self {
+            params,
+            lr,
+            alpha: 0.99,
+            eps: 1e-8,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            state: State::new(n, &["square_avg", "momentum_buffer"]),
+        }
     }
 }
 
 impl Optimizer for RmsProp {
     fn step(&mut self) -> Result<()> {
-        self.state.step += 1;
-        let (lr, alpha, eps, mom, wd) = (self.lr, self.alpha, self.eps, self.momentum, self.weight_decay);
+        let (lr, alpha, eps, mom, wd) = (
+            self.lr,
+            self.alpha,
+            self.eps,
+            self.momentum,
+            self.weight_decay,
+        );
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
+            self.state.tick(i);
             let bufs = self.state.get(i, p);
             let refs: Vec<&Tensor> = bufs.iter().collect();
             with_param(p, &g, &refs, |sl| {
@@ -401,17 +496,23 @@ impl Adagrad {
     /// `Adagrad(params, lr)`.
     pub fn new(params: Vec<Tensor>, lr: f64) -> Self {
         let n = params.len();
-        Self { params, lr, lr_decay: 0.0, weight_decay: 0.0, eps: 1e-10, state: State::new(n, &["sum"]) }
+        Self {
+            params,
+            lr,
+            lr_decay: 0.0,
+            weight_decay: 0.0,
+            eps: 1e-10,
+            state: State::new(n, &["sum"]),
+        }
     }
 }
 
 impl Optimizer for Adagrad {
     fn step(&mut self) -> Result<()> {
-        self.state.step += 1;
-        let clr = self.lr / (1.0 + (self.state.step - 1) as f64 * self.lr_decay);
         let (eps, wd) = (self.eps, self.weight_decay);
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
+            let clr = self.lr / (1.0 + (self.state.tick(i) - 1) as f64 * self.lr_decay);
             let bufs = self.state.get(i, p);
             let refs: Vec<&Tensor> = bufs.iter().collect();
             with_param(p, &g, &refs, |sl| {

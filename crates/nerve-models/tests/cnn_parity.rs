@@ -1,0 +1,54 @@
+//! The zoo's `cnn` against PyTorch: from identical initial weights and batches (closed-form, as
+//! in `tools/torch_nn_fixtures.py`), 20 AdamW steps give the same losses within 1e-4.
+
+use nerve_core::{Result, Tensor};
+use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer};
+
+/// `x[i] = scale · sin(0.37 i + seed)` as f32, shaped `dims` (mirrors the Python script).
+fn formula(dims: &[usize], seed: f64, scale: f64) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (scale * (0.37 * i as f64 + seed).sin()) as f32)
+        .collect();
+    Tensor::from_vec(v, dims).unwrap()
+}
+
+#[test]
+fn cnn_twenty_adamw_steps_match_pytorch() -> Result<()> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../nerve-nn/tests/fixtures/nn.safetensors"
+    );
+    let (fx, _) = nerve_nn::checkpoint::load_safetensors(path).expect("fixture");
+    let model = nerve_models::cnn(&[1, 28, 28], 10)?;
+    for (k, (_, p)) in model.named_parameters().iter().enumerate() {
+        let d = p.dims();
+        let fan_in = if d.len() > 1 {
+            d[1..].iter().product::<usize>()
+        } else {
+            32
+        };
+        p.copy_(&formula(d, 40.0 + k as f64, 1.0 / (fan_in as f64).sqrt()))?;
+    }
+    let mut opt = Adam::adamw(model.parameters(), 1e-3, 0.01);
+    let want = fx["cnn.adamw.losses"].to_f64_vec();
+    for (step, w) in want.iter().enumerate() {
+        let x = formula(&[8, 1, 28, 28], 100.0 + step as f64, 1.0);
+        let y = Tensor::from_vec(
+            (0..8i64)
+                .map(|i| (i * 7 + step as i64) % 10)
+                .collect::<Vec<_>>(),
+            [8],
+        )?;
+        let l = loss::cross_entropy(&model.forward(&x)?, &y, &Default::default())?;
+        opt.zero_grad();
+        l.backward()?;
+        opt.step()?;
+        let got = l.item::<f32>()? as f64;
+        assert!(
+            (got - w).abs() < 1e-4,
+            "step {step}: loss {got} vs PyTorch {w}"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! Modules, the fused cross-entropy's gradient, checkpoints, optimizer state and schedules.
+
+use std::collections::HashMap;
+
+use nerve_core::gradcheck::gradcheck;
+use nerve_core::{manual_seed, DType, Result, Tensor};
+use nerve_nn::checkpoint::{load_safetensors, save_safetensors, CheckpointError};
+use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
+use nerve_nn::{
+    batch_norm1d, load_model, load_optimizer, save_model, save_optimizer, Adam, Dropout, Linear,
+    LrSchedule, Module, ModuleExt, Optimizer, ReLU, Sequential,
+};
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("nerve-nn-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mlp() -> Result<Sequential> {
+    Ok(Sequential::new()
+        .add(Linear::new(6, 8, true)?)
+        .add(batch_norm1d(8))
+        .add(ReLU)
+        .add(Dropout::new(0.5))
+        .add(Linear::new(8, 3, false)?))
+}
+
+#[test]
+fn fused_cross_entropy_gradcheck() -> Result<()> {
+    manual_seed(1);
+    let x = Tensor::randn([5, 4]).to_dtype(DType::F64)?;
+    let t = Tensor::from_vec(vec![0i64, 3, -100, 1, 2], [5])?;
+    let w = Tensor::from_vec(vec![0.5f64, 1.0, 2.0, 1.5], [4])?;
+    for (smooth, red) in [
+        (0.0, Reduction::Mean),
+        (0.1, Reduction::Sum),
+        (0.3, Reduction::None),
+    ] {
+        let opts = CrossEntropyOptions {
+            weight: Some(w.clone()),
+            label_smoothing: smooth,
+            reduction: red,
+            ..Default::default()
+        };
+        gradcheck(
+            |v| loss::cross_entropy(&v[0], &t, &opts),
+            std::slice::from_ref(&x),
+        )?;
+    }
+    // Out-of-range targets are an error naming the op, not a panic.
+    let bad = Tensor::from_vec(vec![0i64, 4, 0, 0, 0], [5])?;
+    let e = loss::cross_entropy(&x, &bad, &Default::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("cross_entropy") && e.to_string().contains("out of range"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn module_names_modes_and_freezing() -> Result<()> {
+    let m = mlp()?;
+    let names: Vec<String> = m.state_dict().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "0.weight",
+            "0.bias",
+            "1.weight",
+            "1.bias",
+            "1.running_mean",
+            "1.running_var",
+            "1.num_batches_tracked",
+            "4.weight"
+        ]
+    );
+    assert_eq!(m.num_parameters(), 6 * 8 + 8 + 8 + 8 + 8 * 3);
+    // Dropout is active in training and the identity in evaluation.
+    let x = Tensor::randn([64, 6]);
+    m.eval();
+    let a = m.forward(&x)?.to_vec::<f32>()?;
+    let b = m.forward(&x)?.to_vec::<f32>()?;
+    assert_eq!(a, b);
+    m.train();
+    let c = m.forward(&x)?.to_vec::<f32>()?;
+    assert_ne!(a, c);
+    assert_eq!(m.set_frozen("0.", true), 2);
+    assert!(!m.named_parameters()[0].1.requires_grad());
+    assert!(m.named_parameters()[2].1.requires_grad());
+    assert!(m
+        .summary()
+        .contains("(0): Linear(in_features=6, out_features=8, bias=true)"));
+    Ok(())
+}
+
+#[test]
+fn checkpoint_round_trip_and_bad_files() -> Result<()> {
+    manual_seed(2);
+    let dir = tmp("ckpt");
+    let path = dir.join("model.safetensors");
+    let a = mlp()?;
+    a.train();
+    a.forward(&Tensor::randn([16, 6]))?; // moves the running statistics
+    a.eval();
+    let meta = HashMap::from([("epoch".to_string(), "3".to_string())]);
+    save_model(&a, &path, &meta).unwrap();
+    // No temporary file is left behind.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    let b = mlp()?;
+    b.eval();
+    let got = load_model(&b, &path).unwrap();
+    assert_eq!(got["epoch"], "3");
+    let x = Tensor::randn([4, 6]);
+    assert_eq!(
+        a.forward(&x)?.to_vec::<f32>()?,
+        b.forward(&x)?.to_vec::<f32>()?
+    );
+
+    // A model of another shape: a typed error naming the file and the tensor; nothing loaded.
+    let other = Sequential::new().add(Linear::new(6, 9, true)?);
+    let before = other.state_dict()[0].1.to_vec::<f32>()?;
+    match load_model(&other, &path) {
+        Err(CheckpointError::Mismatch { path: p, source }) => {
+            assert_eq!(p, path);
+            let msg = source.to_string();
+            assert!(
+                msg.contains("size mismatch for 0.weight") && msg.contains("unexpected keys"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    assert_eq!(other.state_dict()[0].1.to_vec::<f32>()?, before);
+
+    // A truncated file and a missing file.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_model(&b, &cut).unwrap_err();
+    assert!(
+        matches!(e, CheckpointError::Format { .. }) && e.to_string().contains("cut.safetensors"),
+        "{e}"
+    );
+    let e = load_model(&b, dir.join("missing.safetensors")).unwrap_err();
+    assert!(
+        matches!(e, CheckpointError::Io { .. }) && e.to_string().contains("missing.safetensors"),
+        "{e}"
+    );
+
+    // Every dtype survives a round trip.
+    let ts = vec![
+        (
+            "f64".to_string(),
+            Tensor::from_vec(vec![1.5f64, -2.0], [2])?,
+        ),
+        ("i64".to_string(), Tensor::from_vec(vec![7i64, -3, 0], [3])?),
+        (
+            "bf16".to_string(),
+            Tensor::from_vec(vec![1.0f32, 0.5], [2])?.to_dtype(DType::BF16)?,
+        ),
+    ];
+    let p2 = dir.join("dtypes.safetensors");
+    save_safetensors(&p2, &ts, &HashMap::new()).unwrap();
+    let (back, _) = load_safetensors(&p2).unwrap();
+    for (n, t) in &ts {
+        assert_eq!(back[n].dtype(), t.dtype());
+        assert_eq!(back[n].to_f64_vec(), t.to_f64_vec());
+    }
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+/// Training, saving model and optimizer, and resuming gives exactly the uninterrupted run.
+#[test]
+fn resume_from_checkpoint_is_exact() -> Result<()> {
+    manual_seed(3);
+    let dir = tmp("resume");
+    let x = Tensor::randn([32, 6]);
+    let y = Tensor::from_vec((0..32).map(|i| i % 3).collect::<Vec<i64>>(), [32])?;
+    let make = || -> Result<Sequential> {
+        Ok(Sequential::new()
+            .add(Linear::new(6, 8, true)?)
+            .add(ReLU)
+            .add(Linear::new(8, 3, true)?))
+    };
+    let step = |m: &Sequential, o: &mut Adam| -> Result<()> {
+        let l = loss::cross_entropy(&m.forward(&x)?, &y, &Default::default())?;
+        o.zero_grad();
+        l.backward()?;
+        o.step()
+    };
+    let a = make()?;
+    let mut oa = Adam::adamw(a.parameters(), 1e-2, 0.01);
+    for _ in 0..3 {
+        step(&a, &mut oa)?;
+    }
+    save_model(&a, dir.join("m.safetensors"), &HashMap::new()).unwrap();
+    save_optimizer(&oa, dir.join("o.safetensors"), &HashMap::new()).unwrap();
+    for _ in 0..3 {
+        step(&a, &mut oa)?;
+    }
+    let b = make()?;
+    let mut ob = Adam::adamw(b.parameters(), 5.0, 0.01);
+    load_model(&b, dir.join("m.safetensors")).unwrap();
+    load_optimizer(&mut ob, dir.join("o.safetensors")).unwrap();
+    assert_eq!(ob.lr(), 1e-2);
+    for _ in 0..3 {
+        step(&b, &mut ob)?;
+    }
+    for ((_, pa), (_, pb)) in a.named_parameters().iter().zip(b.named_parameters()) {
+        assert_eq!(pa.to_vec::<f32>()?, pb.to_vec::<f32>()?);
+    }
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+#[test]
+fn lr_schedules_follow_pytorch() {
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    close(
+        LrSchedule::Step {
+            step_size: 3,
+            gamma: 0.5,
+        }
+        .lr(1.0, 7),
+        0.25,
+    );
+    close(
+        LrSchedule::MultiStep {
+            milestones: vec![2, 5],
+            gamma: 0.1,
+        }
+        .lr(1.0, 5),
+        0.01,
+    );
+    close(LrSchedule::Exponential { gamma: 0.9 }.lr(2.0, 2), 1.62);
+    let cos = LrSchedule::Cosine {
+        t_max: 10,
+        eta_min: 0.1,
+    };
+    close(cos.lr(1.0, 0), 1.0);
+    close(cos.lr(1.0, 5), 0.55);
+    close(cos.lr(1.0, 10), 0.1);
+    let wc = LrSchedule::WarmupCosine {
+        warmup: 4,
+        total: 14,
+        eta_min: 0.0,
+    };
+    close(wc.lr(1.0, 0), 0.25);
+    close(wc.lr(1.0, 3), 1.0);
+    close(wc.lr(1.0, 4), 1.0);
+    close(wc.lr(1.0, 9), 0.5);
+    let oc = LrSchedule::OneCycle {
+        total: 100,
+        pct_start: 0.3,
+        div_factor: 25.0,
+        final_div_factor: 1e4,
+    };
+    close(oc.lr(1.0, 0), 0.04);
+    close(oc.lr(1.0, 29), 1.0);
+    close(oc.lr(1.0, 99), 0.04 / 1e4);
+}
+
+/// `[N, C, H, W]` logits pair each position with its own target (as PyTorch).
+#[test]
+fn cross_entropy_over_spatial_dims() -> Result<()> {
+    manual_seed(4);
+    let x = Tensor::randn([2, 3, 2, 4]);
+    let t = Tensor::from_vec(
+        (0..16).map(|i| (i * 5 % 7 % 3) as i64).collect::<Vec<_>>(),
+        [2, 2, 4],
+    )?;
+    let got = loss::cross_entropy(
+        &x,
+        &t,
+        &CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(got.dims(), &[2, 2, 4]);
+    let lp = x.log_softmax(1)?.to_vec::<f32>()?;
+    let tv: Vec<i64> = t.to_vec()?;
+    for (k, g) in got.to_vec::<f32>()?.iter().enumerate() {
+        let (n, h, w) = (k / 8, k / 4 % 2, k % 4);
+        let c = tv[k] as usize;
+        let want = -lp[((n * 3 + c) * 2 + h) * 4 + w];
+        assert!((g - want).abs() < 1e-5, "position {k}: {g} vs {want}");
+    }
+    Ok(())
+}
+
+/// Step counts are per parameter (as PyTorch): a parameter that first gets a gradient at the
+/// second step gets Adam's bias-corrected first update, of size `lr`.
+#[test]
+fn optimizer_steps_count_per_parameter_and_reject_foreign_state() -> Result<()> {
+    let a = Tensor::from_vec(vec![1.0f32], [1])?.requires_grad_(true);
+    let b = Tensor::from_vec(vec![1.0f32], [1])?.requires_grad_(true);
+    let mut opt = Adam::new(vec![a.clone(), b.clone()], 0.1);
+    a.square()?.sum()?.backward()?;
+    opt.step()?;
+    opt.zero_grad();
+    a.add(&b)?.square()?.sum()?.backward()?;
+    opt.step()?;
+    let db = 1.0 - b.item::<f32>()?;
+    assert!((db - 0.1).abs() < 1e-4, "first update of b: {db}");
+    let sd: HashMap<String, Tensor> = opt.state_dict().into_iter().collect();
+    assert_eq!(sd["state.0.step"].item::<i64>()?, 2);
+    assert_eq!(sd["state.1.step"].item::<i64>()?, 1);
+    let mut sgd_state = sd.clone();
+    sgd_state.insert("state.0.momentum_buffer".into(), Tensor::zeros([1]));
+    let e = opt.load_state_dict(&sgd_state).unwrap_err();
+    assert!(e.to_string().contains("momentum_buffer"), "{e}");
+    Ok(())
+}
