@@ -6,80 +6,80 @@
 
 use std::collections::HashMap;
 
-use nerve_core::{DType, Element, Error, Float, Result, Tensor};
+use nerve_core::{DType, Error, Float, Result, Tensor};
 
-/// Apply `f` to a parameter's data, its gradient and its state buffers, all the same float
-/// dtype and contiguous.
-fn with_param<F>(p: &Tensor, g: &Tensor, states: &[&Tensor], f: F) -> Result<()>
+/// Elements per task of a parallel update (below this, one thread does the whole tensor).
+const CHUNK: usize = 1 << 15;
+
+/// Run `f(param, grad, states)` over aligned chunks of a parameter, its gradient and its state
+/// tensors (all contiguous, dtype `T`), in place, in parallel for large tensors, with the
+/// loops compiled for the machine's SIMD.
+fn update<T, F>(p: &Tensor, g: &Tensor, states: &[Tensor], f: F) -> Result<()>
 where
-    F: Fn(Slices<'_>),
+    T: Float,
+    F: Fn(&mut [T], &[T], &mut [&mut [T]]) + Sync,
 {
     let g = g.contiguous()?;
-    match p.dtype() {
-        DType::F32 => run::<f32, F>(p, &g, states, f),
-        DType::F64 => run::<f64, F>(p, &g, states, f),
-        d => Err(Error::invalid(
-            "optimizer",
-            format!("parameters must be f32 or f64, got {d:?}"),
-        )),
-    }
-}
-
-/// Typed views handed to an update rule.
-pub enum Slices<'a> {
-    /// f32 parameter, gradient and state.
-    F32(&'a mut [f32], &'a [f32], Vec<&'a mut [f32]>),
-    /// f64 parameter, gradient and state.
-    F64(&'a mut [f64], &'a [f64], Vec<&'a mut [f64]>),
-}
-
-fn run<T: Float, F: Fn(Slices<'_>)>(p: &Tensor, g: &Tensor, states: &[&Tensor], f: F) -> Result<()>
-where
-    for<'a> Slices<'a>: From<(&'a mut [T], &'a [T], Vec<&'a mut [T]>)>,
-{
-    // Take the state buffers out as owned vectors, update, and write them back: each tensor
-    // has its own lock, so nested closures would do too, but this keeps it simple.
-    let mut bufs: Vec<Vec<T>> = states
-        .iter()
-        .map(|s| s.to_vec::<T>())
-        .collect::<Result<_>>()?;
     g.with_data::<T, _>(|gs| {
-        p.with_data_mut::<T, _>(|ps| {
-            let views: Vec<&mut [T]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-            f(Slices::from((ps, gs, views)));
+        p.with_data_mut::<T, _>(|ps| -> Result<()> {
+            let mut run = |states: Vec<&mut [T]>| {
+                let mut iters: Vec<_> = states.into_iter().map(|s| s.chunks_mut(CHUNK)).collect();
+                let parts: Vec<(&mut [T], &[T], Vec<&mut [T]>)> = ps
+                    .chunks_mut(CHUNK)
+                    .zip(gs.chunks(CHUNK))
+                    .map(|(pc, gc)| {
+                        (
+                            pc,
+                            gc,
+                            iters.iter_mut().filter_map(Iterator::next).collect(),
+                        )
+                    })
+                    .collect();
+                let body = |(pc, gc, mut sc): (&mut [T], &[T], Vec<&mut [T]>)| {
+                    nerve_core::kernels::with_simd(|| f(pc, gc, &mut sc))
+                };
+                if parts.len() > 1 {
+                    use rayon::prelude::*;
+                    nerve_core::threading::install(|| parts.into_par_iter().for_each(body));
+                } else {
+                    parts.into_iter().for_each(body);
+                }
+            };
+            match states {
+                [] => run(Vec::new()),
+                [a] => a.with_data_mut::<T, _>(|a| run(vec![a]))?,
+                [a, b] => {
+                    a.with_data_mut::<T, _>(|a| b.with_data_mut::<T, _>(|b| run(vec![a, b])))??
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        "optimizer",
+                        "at most two state buffers per parameter",
+                    ))
+                }
+            }
+            Ok(())
         })
-    })??;
-    for (s, b) in states.iter().zip(bufs) {
-        s.with_data_mut::<T, _>(|d| d.copy_from_slice(&b))?;
-    }
+    })???;
     Ok(())
 }
 
-impl<'a> From<(&'a mut [f32], &'a [f32], Vec<&'a mut [f32]>)> for Slices<'a> {
-    fn from(v: (&'a mut [f32], &'a [f32], Vec<&'a mut [f32]>)) -> Self {
-        Slices::F32(v.0, v.1, v.2)
-    }
-}
-impl<'a> From<(&'a mut [f64], &'a [f64], Vec<&'a mut [f64]>)> for Slices<'a> {
-    fn from(v: (&'a mut [f64], &'a [f64], Vec<&'a mut [f64]>)) -> Self {
-        Slices::F64(v.0, v.1, v.2)
-    }
-}
-
-/// Dispatch an update rule written once for any float type over [`Slices`].
-macro_rules! update {
-    ($slices:expr, |$p:ident, $g:ident, $s:ident| $body:block) => {
-        match $slices {
-            Slices::F32($p, $g, mut $s) => {
-                #[allow(unused_mut)]
-                let mut $s = &mut $s;
+/// Run `$body` with `$T` bound to the parameter's float type (f32 or f64).
+macro_rules! for_float {
+    ($p:expr, $T:ident => $body:block) => {
+        match $p.dtype() {
+            DType::F32 => {
+                type $T = f32;
                 $body
             }
-            Slices::F64($p, $g, mut $s) => {
-                #[allow(unused_mut)]
-                let mut $s = &mut $s;
+            DType::F64 => {
+                type $T = f64;
                 $body
             }
+            d => Err(Error::invalid(
+                "optimizer",
+                format!("parameters must be f32 or f64, got {d:?}"),
+            )),
         }
     };
 }
@@ -257,22 +257,17 @@ impl Optimizer for Sgd {
                 self.nesterov,
                 self.weight_decay,
             );
-            let refs: Vec<&Tensor> = bufs.iter().collect();
-            with_param(p, &g, &refs, |sl| {
-                update!(sl, |p, g, s| {
+            for_float!(p, T => {
+                let (lr, mom, damp, wd) = (lr as T, mom as T, damp as T, wd as T);
+                update::<T, _>(p, &g, &bufs, |p, g, s| {
                     for k in 0..p.len() {
-                        let mut d = g[k].to_f64() + wd * p[k].to_f64();
-                        if mom != 0.0 {
-                            let b = &mut s[0][k];
-                            let nb = if first {
-                                d
-                            } else {
-                                mom * b.to_f64() + (1.0 - damp) * d
-                            };
-                            *b = Element::from_f64(nb);
+                        let mut d = g[k] + wd * p[k];
+                        if let Some(b) = s.first_mut() {
+                            let nb = if first { d } else { mom * b[k] + (1.0 - damp) * d };
+                            b[k] = nb;
                             d = if nest { d + mom * nb } else { nb };
                         }
-                        p[k] = Element::from_f64(p[k].to_f64() - lr * d);
+                        p[k] -= lr * d;
                     }
                 })
             })?;
@@ -344,31 +339,26 @@ impl Optimizer for Adam {
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
             let t = self.state.tick(i) as i32;
-            let bc1 = 1.0 - b1.powi(t);
+            // PyTorch's form: p -= (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps).
+            let step_size = lr / (1.0 - b1.powi(t));
             let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
             let bufs = self.state.get(i, p);
-            let refs: Vec<&Tensor> = bufs.iter().collect();
-            with_param(p, &g, &refs, |sl| {
-                update!(sl, |p, g, s| {
-                    let (m, rest) = s.split_at_mut(1);
-                    let (m, v) = (&mut *m[0], &mut *rest[0]);
-                    let step_size = lr / bc1;
+            for_float!(p, T => {
+                let (b1, b2, eps, step_size, bc2_sqrt) = (b1 as T, b2 as T, eps as T, step_size as T, bc2_sqrt as T);
+                let (decay, l2) = if decoupled { (1.0 - (lr * wd) as T, 0.0) } else { (1.0, wd as T) };
+                update::<T, _>(p, &g, &bufs, |p, g, s| {
+                    let (m, v) = s.split_at_mut(1);
+                    let (m, v) = (&mut *m[0], &mut *v[0]);
+                    // The operation order of PyTorch's single-tensor Adam(W), so f32 results
+                    // round the same way.
                     for k in 0..p.len() {
-                        let mut pk = p[k].to_f64();
-                        let mut gk = g[k].to_f64();
-                        if wd != 0.0 {
-                            if decoupled {
-                                pk *= 1.0 - lr * wd;
-                            } else {
-                                gk += wd * pk;
-                            }
-                        }
-                        let mk = b1 * m[k].to_f64() + (1.0 - b1) * gk;
-                        let vk = b2 * v[k].to_f64() + (1.0 - b2) * gk * gk;
-                        m[k] = Element::from_f64(mk);
-                        v[k] = Element::from_f64(vk);
-                        let denom = vk.sqrt() / bc2_sqrt + eps;
-                        p[k] = Element::from_f64(pk - step_size * mk / denom);
+                        let pk = p[k] * decay;
+                        let gk = g[k] + l2 * p[k];
+                        let mk = m[k] + (1.0 - b1) * (gk - m[k]);
+                        let vk = v[k] * b2 + (1.0 - b2) * (gk * gk);
+                        m[k] = mk;
+                        v[k] = vk;
+                        p[k] = pk + -step_size * (mk / (vk.sqrt() / bc2_sqrt + eps));
                     }
                 })
             })?;
@@ -437,24 +427,23 @@ impl Optimizer for RmsProp {
             let Some(g) = p.grad() else { continue };
             self.state.tick(i);
             let bufs = self.state.get(i, p);
-            let refs: Vec<&Tensor> = bufs.iter().collect();
-            with_param(p, &g, &refs, |sl| {
-                update!(sl, |p, g, s| {
-                    let (sq, rest) = s.split_at_mut(1);
-                    let (sq, buf) = (&mut *sq[0], &mut *rest[0]);
+            for_float!(p, T => {
+                let (lr, alpha, eps, mom, wd) = (lr as T, alpha as T, eps as T, mom as T, wd as T);
+                update::<T, _>(p, &g, &bufs, |p, g, s| {
+                    let (sq, buf) = s.split_at_mut(1);
+                    let (sq, buf) = (&mut *sq[0], &mut *buf[0]);
                     for k in 0..p.len() {
-                        let gk = g[k].to_f64() + wd * p[k].to_f64();
-                        let a = alpha * sq[k].to_f64() + (1.0 - alpha) * gk * gk;
-                        sq[k] = Element::from_f64(a);
+                        let gk = g[k] + wd * p[k];
+                        let a = alpha * sq[k] + (1.0 - alpha) * gk * gk;
+                        sq[k] = a;
                         let upd = gk / (a.sqrt() + eps);
                         let d = if mom > 0.0 {
-                            let b = mom * buf[k].to_f64() + upd;
-                            buf[k] = Element::from_f64(b);
-                            b
+                            buf[k] = mom * buf[k] + upd;
+                            buf[k]
                         } else {
                             upd
                         };
-                        p[k] = Element::from_f64(p[k].to_f64() - lr * d);
+                        p[k] -= lr * d;
                     }
                 })
             })?;
@@ -514,15 +503,14 @@ impl Optimizer for Adagrad {
             let Some(g) = p.grad() else { continue };
             let clr = self.lr / (1.0 + (self.state.tick(i) - 1) as f64 * self.lr_decay);
             let bufs = self.state.get(i, p);
-            let refs: Vec<&Tensor> = bufs.iter().collect();
-            with_param(p, &g, &refs, |sl| {
-                update!(sl, |p, g, s| {
+            for_float!(p, T => {
+                let (clr, eps, wd) = (clr as T, eps as T, wd as T);
+                update::<T, _>(p, &g, &bufs, |p, g, s| {
                     let sum = &mut *s[0];
                     for k in 0..p.len() {
-                        let gk = g[k].to_f64() + wd * p[k].to_f64();
-                        let a = sum[k].to_f64() + gk * gk;
-                        sum[k] = Element::from_f64(a);
-                        p[k] = Element::from_f64(p[k].to_f64() - clr * gk / (a.sqrt() + eps));
+                        let gk = g[k] + wd * p[k];
+                        sum[k] += gk * gk;
+                        p[k] -= clr * gk / (sum[k].sqrt() + eps);
                     }
                 })
             })?;
