@@ -8,6 +8,9 @@ use std::collections::HashMap;
 
 use nerve_core::{DType, Error, Float, Result, Tensor};
 
+/// One chunk of a parameter, its gradient and its state buffers.
+type Part<'a, T> = (&'a mut [T], &'a [T], Vec<&'a mut [T]>);
+
 /// Elements per task of a parallel update (below this, one thread does the whole tensor).
 const CHUNK: usize = 1 << 15;
 
@@ -24,7 +27,7 @@ where
         p.with_data_mut::<T, _>(|ps| -> Result<()> {
             let mut run = |states: Vec<&mut [T]>| {
                 let mut iters: Vec<_> = states.into_iter().map(|s| s.chunks_mut(CHUNK)).collect();
-                let parts: Vec<(&mut [T], &[T], Vec<&mut [T]>)> = ps
+                let parts: Vec<Part<'_, T>> = ps
                     .chunks_mut(CHUNK)
                     .zip(gs.chunks(CHUNK))
                     .map(|(pc, gc)| {

@@ -29,6 +29,46 @@ unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SendPtr<T> {}
 
+/// 64-byte-aligned, zero-initialised scratch memory.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+thread_local! {
+    /// Scratch buffers of this thread, reused across kernel calls (no page faults or memsets
+    /// for the large temporaries of convolutions).
+    static SCRATCH_POOL: std::cell::RefCell<Vec<Vec<Line>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on a scratch slice of `len` elements of `T` (a plain float or integer type: every
+/// bit pattern valid). Its contents are unspecified (stale values of an earlier use), so `f`
+/// must write before it reads. Buffers come from a per-thread pool, so nested calls work.
+pub(crate) fn with_scratch<T: crate::dtype::Element, R>(
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
+    let mut buf = SCRATCH_POOL
+        .with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p.iter().position(|b| b.len() >= lines)?;
+            Some(p.swap_remove(i))
+        })
+        .unwrap_or_else(|| vec![Line([0; 64]); lines]);
+    // SAFETY: the buffer holds at least len·size_of::<T>() initialised bytes, 64-byte
+    // aligned; T is a plain number type for which every bit pattern is a valid value.
+    let slice = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), len) };
+    let r = f(slice);
+    SCRATCH_POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        // Keep a few of the largest buffers.
+        p.push(buf);
+        p.sort_by_key(|b| std::cmp::Reverse(b.len()));
+        p.truncate(4);
+    });
+    r
+}
+
 /// An output buffer of `n` elements that kernels write before anyone reads (no memset: for
 /// large outputs that is a tenth of a softmax).
 pub(crate) fn uninit_buf<U>(n: usize) -> Vec<MaybeUninit<U>> {

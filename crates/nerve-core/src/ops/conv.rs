@@ -30,6 +30,7 @@ use super::float_dispatch;
 use crate::autograd::no_grad;
 use crate::dtype::{DType, Element, Float};
 use crate::kernels::gemm::{gemm as gemm_raw, GemmFloat};
+use crate::kernels::with_scratch;
 use crate::threading::{install, num_threads, par_elemwise_min};
 use crate::{Error, Result, Tensor};
 
@@ -238,24 +239,6 @@ impl Geom {
     fn sp(&self) -> usize {
         self.ho * self.wo
     }
-    /// Whether the column matrix is the image itself (1×1, stride 1, no padding).
-    fn pointwise(&self) -> bool {
-        self.kh == 1
-            && self.kw == 1
-            && self.sh == 1
-            && self.sw == 1
-            && self.ph == 0
-            && self.pw == 0
-            && self.ho == self.h
-            && self.wo == self.w
-    }
-    fn col_len(&self) -> usize {
-        if self.pointwise() {
-            0
-        } else {
-            self.kdim() * self.sp()
-        }
-    }
 }
 
 /// Output length of a convolution along one axis.
@@ -406,17 +389,19 @@ fn conv_geom(
 
 // ---------------------------------------------------------------------------- conv kernels
 
-/// Unfold one group of one sample (`cg` planes of `h×w`) into `col` (`kdim` rows of
-/// `ho·wo`), zeros where the kernel reads padding.
-fn im2col<T: Element>(g: &Geom, x: &[T], col: &mut [T]) {
+/// Unfold one group of one sample (`cg` planes of `h×w`) into `col`: `kdim` rows of `ho·wo`
+/// values, row `r` starting at `r·ld` (so several samples can sit side by side in one
+/// matrix), zeros where the kernel reads padding.
+fn im2col<T: Element>(g: &Geom, x: &[T], col: &mut [T], ld: usize) {
     let (sp, wo, w) = (g.sp(), g.wo, g.w);
-    let mut rows = col.chunks_exact_mut(sp);
+    let mut r = 0;
     for plane in x.chunks_exact(g.hw()).take(g.cg()) {
         for i in 0..g.kh {
             let (ylo, yhi) = valid_range(g.ho, g.h, g.sh, i * g.dh, g.ph);
             for j in 0..g.kw {
                 let (xlo, xhi) = valid_range(g.wo, g.w, g.sw, j * g.dw, g.pw);
-                let dst = rows.next().expect("col holds kdim rows");
+                let dst = &mut col[r * ld..r * ld + sp];
+                r += 1;
                 dst[..ylo * wo].fill(T::ZERO);
                 dst[yhi * wo..].fill(T::ZERO);
                 for oy in ylo..yhi {
@@ -442,17 +427,18 @@ fn im2col<T: Element>(g: &Geom, x: &[T], col: &mut [T]) {
     }
 }
 
-/// Fold `col` back onto one group of one sample, summing overlaps: the adjoint of
-/// [`im2col`]. Adds to `x`.
-fn col2im<T: Float>(g: &Geom, col: &[T], x: &mut [T]) {
+/// Fold `col` (laid out as [`im2col`] writes it, row stride `ld`) back onto one group of one
+/// sample, summing overlaps: the adjoint of [`im2col`]. Adds to `x`.
+fn col2im<T: Float>(g: &Geom, col: &[T], ld: usize, x: &mut [T]) {
     let (sp, wo, w) = (g.sp(), g.wo, g.w);
-    let mut rows = col.chunks_exact(sp);
+    let mut r = 0;
     for plane in x.chunks_exact_mut(g.hw()).take(g.cg()) {
         for i in 0..g.kh {
             let (ylo, yhi) = valid_range(g.ho, g.h, g.sh, i * g.dh, g.ph);
             for j in 0..g.kw {
                 let (xlo, xhi) = valid_range(g.wo, g.w, g.sw, j * g.dw, g.pw);
-                let src = rows.next().expect("col holds kdim rows");
+                let src = &col[r * ld..r * ld + sp];
+                r += 1;
                 if xlo == xhi {
                     continue;
                 }
@@ -476,65 +462,82 @@ fn col2im<T: Float>(g: &Geom, col: &[T], x: &mut [T]) {
     }
 }
 
+/// How many samples one GEMM covers: their column matrices side by side make one wide
+/// product (far faster than one small GEMM per sample), capped near 16 MiB of f32.
+fn samples_per_gemm(g: &Geom, available: usize) -> usize {
+    ((4 << 20) / (g.kdim() * g.sp()).max(1)).clamp(1, available.max(1))
+}
+
 /// Image side → column side: `x` `[n, c, h, w]`, `w` `[o, c/groups, kh, kw]`, optional bias
-/// `[o]`; returns `[n, o, ho, wo]`.
+/// `[o]`; returns `[n, o, ho, wo]`. The columns of several samples sit side by side so that
+/// each group is one wide GEMM `[og × kdim] · [kdim × samples·sp]`.
 fn conv_forward<T: ConvFloat>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let (cg, og, kdim, hw, sp) = (g.cg(), g.og(), g.kdim(), g.hw(), g.sp());
     let (xlen, ylen) = (g.c * hw, g.o * sp);
     let mut out = vec![T::ZERO; g.n * ylen];
     for_batch(g.n, &mut out, |samples, block, parallel| {
-        let mut col = vec![T::ZERO; g.col_len()];
-        for (n, y) in samples.zip(block.chunks_exact_mut(ylen)) {
-            let beta = match bias {
-                Some(b) => {
-                    for (row, &bv) in y.chunks_exact_mut(sp).zip(b) {
-                        row.fill(bv);
+        let per = samples_per_gemm(g, samples.len());
+        with_scratch::<T, _>(kdim * per * sp, |col| {
+            with_scratch::<T, _>(og * per * sp, |prod| {
+                for first in samples.clone().step_by(per) {
+                    let count = per.min(samples.end - first);
+                    let ld = count * sp;
+                    for gi in 0..g.groups {
+                        for s in 0..count {
+                            let n = first + s;
+                            let xg = &x[n * xlen + gi * cg * hw..n * xlen + (gi + 1) * cg * hw];
+                            im2col(g, xg, &mut col[s * sp..], ld);
+                        }
+                        let wg = &w[gi * og * kdim..(gi + 1) * og * kdim];
+                        // SAFETY: A = wg (og×kdim, row-major), B = col (kdim×ld, row stride ld),
+                        // C = prod (og×ld, row-major); the buffers hold at least those lengths and
+                        // prod is distinct from both inputs.
+                        unsafe {
+                            T::gemm(
+                                og,
+                                ld,
+                                kdim,
+                                wg.as_ptr(),
+                                kdim,
+                                1,
+                                col.as_ptr(),
+                                ld,
+                                1,
+                                T::ZERO,
+                                prod.as_mut_ptr(),
+                                ld,
+                                parallel,
+                            )
+                        }
+                        // Scatter each sample's block (plus bias) into the output.
+                        for s in 0..count {
+                            let y = &mut block[(first + s - samples.start) * ylen..][..ylen];
+                            for o in 0..og {
+                                let row = &prod[o * ld + s * sp..o * ld + (s + 1) * sp];
+                                let dst = &mut y[(gi * og + o) * sp..(gi * og + o + 1) * sp];
+                                match bias {
+                                    Some(b) => {
+                                        let bv = b[gi * og + o];
+                                        for (d, &v) in dst.iter_mut().zip(row) {
+                                            *d = v + bv;
+                                        }
+                                    }
+                                    None => dst.copy_from_slice(row),
+                                }
+                            }
+                        }
                     }
-                    T::ONE
                 }
-                None => T::ZERO,
-            };
-            let xn = &x[n * xlen..(n + 1) * xlen];
-            for gi in 0..g.groups {
-                let xg = &xn[gi * cg * hw..(gi + 1) * cg * hw];
-                let b: &[T] = if g.pointwise() {
-                    xg
-                } else {
-                    im2col(g, xg, &mut col);
-                    &col
-                };
-                let wg = &w[gi * og * kdim..(gi + 1) * og * kdim];
-                let yg = &mut y[gi * og * sp..(gi + 1) * og * sp];
-                // SAFETY: A = wg (og×kdim, row-major), B = b (kdim×sp, row-major: the columns
-                // or, pointwise, the group's cg = kdim planes of hw = sp values), C = yg
-                // (og×sp, row-major); each slice has exactly those lengths, and yg is a
-                // mutable borrow distinct from both inputs.
-                unsafe {
-                    T::gemm(
-                        og,
-                        sp,
-                        kdim,
-                        wg.as_ptr(),
-                        kdim,
-                        1,
-                        b.as_ptr(),
-                        sp,
-                        1,
-                        beta,
-                        yg.as_mut_ptr(),
-                        sp,
-                        parallel,
-                    )
-                }
-            }
-        }
+            })
+        })
     });
     out
 }
 
 /// Column side → image side, and the weight gradient. With `need_dx`, returns
 /// `col2im(Wᵀ · y)` `[n, c, h, w]` (needs `w`); with `x` (image side) given, also
-/// `Σₙ y[n] · col(x[n])ᵀ` in the weight's layout `[o, c/groups, kh, kw]`.
+/// `Σₙ y[n] · col(x[n])ᵀ` in the weight's layout `[o, c/groups, kh, kw]`. As in the forward
+/// pass, several samples share each GEMM.
 fn conv_backward<T: ConvFloat>(
     g: &Geom,
     x: Option<&[T]>,
@@ -546,78 +549,84 @@ fn conv_backward<T: ConvFloat>(
     let (xlen, ylen) = (g.c * hw, g.o * sp);
     let mut dx = vec![T::ZERO; if need_dx { g.n * xlen } else { 0 }];
     let partials = for_batch(g.n, &mut dx, |samples, block, parallel| {
-        let mut col = vec![T::ZERO; g.col_len()];
+        let per = samples_per_gemm(g, samples.len());
         let mut dw = x.map(|_| vec![T::ZERO; g.o * kdim]);
-        for (k, n) in samples.enumerate() {
-            let yn = &y[n * ylen..(n + 1) * ylen];
-            for gi in 0..g.groups {
-                let yg = &yn[gi * og * sp..(gi + 1) * og * sp];
-                if let (Some(x), Some(dw)) = (x, dw.as_mut()) {
-                    let xg = &x[n * xlen + gi * cg * hw..n * xlen + (gi + 1) * cg * hw];
-                    let b: &[T] = if g.pointwise() {
-                        xg
-                    } else {
-                        im2col(g, xg, &mut col);
-                        &col
-                    };
-                    let dwg = &mut dw[gi * og * kdim..(gi + 1) * og * kdim];
-                    // SAFETY: A = yg (og×sp, row-major), B = bᵀ (sp×kdim: b is kdim×sp
-                    // row-major, read with row stride 1 and column stride sp), C = dwg
-                    // (og×kdim, row-major); the slices have exactly those lengths and dwg is a
-                    // fresh per-worker buffer distinct from both inputs.
-                    unsafe {
-                        T::gemm(
-                            og,
-                            kdim,
-                            sp,
-                            yg.as_ptr(),
-                            sp,
-                            1,
-                            b.as_ptr(),
-                            1,
-                            sp,
-                            T::ONE,
-                            dwg.as_mut_ptr(),
-                            kdim,
-                            parallel,
-                        )
+        with_scratch::<T, _>(kdim * per * sp, |col| {
+            with_scratch::<T, _>(og * per * sp, |ys| {
+                for first in samples.clone().step_by(per) {
+                    let count = per.min(samples.end - first);
+                    let ld = count * sp;
+                    for gi in 0..g.groups {
+                        // The samples' output gradients side by side: og × ld.
+                        for s in 0..count {
+                            let n = first + s;
+                            for o in 0..og {
+                                let src = &y[n * ylen + (gi * og + o) * sp..][..sp];
+                                ys[o * ld + s * sp..o * ld + (s + 1) * sp].copy_from_slice(src);
+                            }
+                        }
+                        if let (Some(x), Some(dw)) = (x, dw.as_mut()) {
+                            for s in 0..count {
+                                let n = first + s;
+                                let xg = &x[n * xlen + gi * cg * hw..n * xlen + (gi + 1) * cg * hw];
+                                im2col(g, xg, &mut col[s * sp..], ld);
+                            }
+                            let dwg = &mut dw[gi * og * kdim..(gi + 1) * og * kdim];
+                            // SAFETY: A = ys (og×ld, row-major), B = colᵀ (ld×kdim: col is kdim×ld
+                            // with row stride ld, read with row stride 1 and column stride ld),
+                            // C = dwg (og×kdim, row-major); the buffers hold those lengths and dwg
+                            // is a per-worker buffer distinct from both inputs.
+                            unsafe {
+                                T::gemm(
+                                    og,
+                                    kdim,
+                                    ld,
+                                    ys.as_ptr(),
+                                    ld,
+                                    1,
+                                    col.as_ptr(),
+                                    1,
+                                    ld,
+                                    T::ONE,
+                                    dwg.as_mut_ptr(),
+                                    kdim,
+                                    parallel,
+                                )
+                            }
+                        }
+                        if need_dx {
+                            let wg = &w[gi * og * kdim..(gi + 1) * og * kdim];
+                            // SAFETY: A = wgᵀ (kdim×og: wg is og×kdim row-major, read with row stride
+                            // 1 and column stride kdim), B = ys (og×ld, row-major), C = col (kdim×ld,
+                            // row stride ld); lengths match and col is distinct from both inputs.
+                            unsafe {
+                                T::gemm(
+                                    kdim,
+                                    ld,
+                                    og,
+                                    wg.as_ptr(),
+                                    1,
+                                    kdim,
+                                    ys.as_ptr(),
+                                    ld,
+                                    1,
+                                    T::ZERO,
+                                    col.as_mut_ptr(),
+                                    ld,
+                                    parallel,
+                                )
+                            }
+                            for s in 0..count {
+                                let k = first + s - samples.start;
+                                let dxg = &mut block
+                                    [k * xlen + gi * cg * hw..k * xlen + (gi + 1) * cg * hw];
+                                col2im(g, &col[s * sp..], ld, dxg);
+                            }
+                        }
                     }
                 }
-                if need_dx {
-                    let wg = &w[gi * og * kdim..(gi + 1) * og * kdim];
-                    let dxg = &mut block[k * xlen + gi * cg * hw..k * xlen + (gi + 1) * cg * hw];
-                    let pointwise = g.pointwise();
-                    let c: &mut [T] = if pointwise { dxg } else { &mut col };
-                    // SAFETY: A = wgᵀ (kdim×og: wg is og×kdim row-major, read with row stride
-                    // 1 and column stride kdim), B = yg (og×sp, row-major), C = c (kdim×sp
-                    // row-major: the column buffer, or pointwise the group's cg = kdim planes
-                    // of hw = sp gradients); lengths match and c is a mutable borrow distinct
-                    // from both inputs.
-                    unsafe {
-                        T::gemm(
-                            kdim,
-                            sp,
-                            og,
-                            wg.as_ptr(),
-                            1,
-                            kdim,
-                            yg.as_ptr(),
-                            sp,
-                            1,
-                            T::ZERO,
-                            c.as_mut_ptr(),
-                            sp,
-                            parallel,
-                        )
-                    }
-                    if !pointwise {
-                        let dxg =
-                            &mut block[k * xlen + gi * cg * hw..k * xlen + (gi + 1) * cg * hw];
-                        col2im(g, &col, dxg);
-                    }
-                }
-            }
-        }
+            })
+        });
         dw
     });
     let dw = partials.into_iter().reduce(|a, b| match (a, b) {
@@ -864,10 +873,11 @@ fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
                     for kx in xlo..xhi {
                         let ix = x0 + kx * p.dw - p.pw;
                         let v = row[ix];
-                        if v > best || v.is_nan() {
-                            best = v;
-                            at = iy * p.w + ix;
-                        }
+                        // Selects, not branches: on real data the winner is unpredictable and
+                        // mispredicted branches cost more than the whole comparison.
+                        let take = v > best || v.is_nan();
+                        best = if take { v } else { best };
+                        at = if take { iy * p.w + ix } else { at };
                     }
                 }
                 out[oy * p.wo + ox] = best;
