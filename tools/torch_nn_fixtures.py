@@ -161,6 +161,26 @@ for step in range(20):
     losses.append(loss.item())
 out["cnn.adamw.losses"] = torch.tensor(losses, dtype=torch.float64)
 
+# ---------------------------------------------------------------- a PyTorch checkpoint for nerve
+# A small model with every kind of state (conv, BatchNorm buffers incl. the int64 counter,
+# linear), trained a few steps so the running statistics are not the defaults; its
+# state_dict is saved exactly as PyTorch users save one, with an input and the eval output.
+torch.manual_seed(0)
+small = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Flatten(), nn.Linear(64, 3))
+sopt = torch.optim.SGD(small.parameters(), lr=0.1)
+for step in range(3):
+    loss = F.cross_entropy(small(formula((5, 1, 8, 8), 200.0 + step)), targets(5, 3, step))
+    sopt.zero_grad()
+    loss.backward()
+    sopt.step()
+small.eval()
+ckpt = os.path.join(os.path.dirname(OUT), "torch_small_cnn.safetensors")
+save_file({k: v.contiguous() for k, v in small.state_dict().items()}, ckpt)
+with torch.no_grad():
+    out["ckpt.input"] = formula((2, 1, 8, 8), 300.0)
+    out["ckpt.output"] = small(out["ckpt.input"])
+
 os.makedirs(os.path.dirname(OUT), exist_ok=True)
 save_file({k: v.detach().contiguous() for k, v in out.items()}, OUT)
 print(f"wrote {len(out)} tensors to {os.path.normpath(OUT)}")

@@ -314,3 +314,46 @@ fn optimizer_steps_count_per_parameter_and_reject_foreign_state() -> Result<()> 
     assert!(e.to_string().contains("momentum_buffer"), "{e}");
     Ok(())
 }
+
+/// Two-way checkpoint proof. PyTorch → nerve: a `state_dict` saved by PyTorch
+/// (`tools/torch_nn_fixtures.py`) loads into the same nerve model and gives PyTorch's output.
+/// nerve → PyTorch: the file nerve writes has exactly the names, dtypes and shapes of
+/// PyTorch's, which is what `load_state_dict(strict=True)` checks (exercised for real by
+/// `tools/check_nerve_checkpoint.py`).
+#[test]
+fn pytorch_checkpoints_load_and_nerve_checkpoints_match_them() -> Result<()> {
+    use nerve_nn::{batch_norm2d, Conv2d, ConvOptions, Flatten, MaxPool2d};
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+    let torch_file = format!("{fixtures}torch_small_cnn.safetensors");
+    let model = Sequential::new()
+        .add(Conv2d::new(1, 4, 3, ConvOptions::default().padding(1))?)
+        .add(batch_norm2d(4))
+        .add(ReLU)
+        .add(MaxPool2d::new(2))
+        .add(Flatten::default())
+        .add(Linear::new(64, 3, true)?);
+    load_model(&model, &torch_file).unwrap();
+    model.eval();
+    let (fx, _) = load_safetensors(format!("{fixtures}nn.safetensors")).unwrap();
+    let got = model.forward(&fx["ckpt.input"])?;
+    for (a, b) in got.to_f64_vec().iter().zip(fx["ckpt.output"].to_f64_vec()) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let dir = tmp("two-way");
+    let ours = dir.join("nerve.safetensors");
+    save_model(&model, &ours, &HashMap::new()).unwrap();
+    let (theirs, _) = load_safetensors(&torch_file).unwrap();
+    let (mine, _) = load_safetensors(&ours).unwrap();
+    let mut names: Vec<&String> = theirs.keys().collect();
+    names.sort();
+    let mut my_names: Vec<&String> = mine.keys().collect();
+    my_names.sort();
+    assert_eq!(names, my_names);
+    for n in names {
+        assert_eq!(theirs[n].dims(), mine[n].dims(), "{n}");
+        assert_eq!(theirs[n].dtype(), mine[n].dtype(), "{n}");
+        assert_eq!(theirs[n].to_f64_vec(), mine[n].to_f64_vec(), "{n}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
