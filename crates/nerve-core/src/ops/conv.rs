@@ -859,8 +859,38 @@ fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
         .collect();
     let mut out = vec![T::ZERO; p.planes * po];
     let mut idx = vec![0i64; p.planes * po];
+    // The common 2×2, stride 2 window with no padding or dilation, every window inside.
+    let two_by_two = (p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw) == (2, 2, 2, 2, 0, 0, 1, 1)
+        && 2 * p.ho <= p.h
+        && 2 * p.wo <= p.w;
     let body = |pl: usize, out: &mut [T], idx: &mut [i64]| {
         let xp = &x[pl * hw..(pl + 1) * hw];
+        if two_by_two {
+            for oy in 0..p.ho {
+                let (r0, r1) = (2 * oy * p.w, (2 * oy + 1) * p.w);
+                let (top, bottom) = (&xp[r0..r0 + 2 * p.wo], &xp[r1..r1 + 2 * p.wo]);
+                let o = &mut out[oy * p.wo..(oy + 1) * p.wo];
+                let ix = &mut idx[oy * p.wo..(oy + 1) * p.wo];
+                for ox in 0..p.wo {
+                    // Row-major order within the window, the first maximum wins and a NaN
+                    // wins (as PyTorch); selects rather than branches.
+                    let mut best = top[2 * ox];
+                    let mut at = r0 + 2 * ox;
+                    for (v, pos) in [
+                        (top[2 * ox + 1], r0 + 2 * ox + 1),
+                        (bottom[2 * ox], r1 + 2 * ox),
+                        (bottom[2 * ox + 1], r1 + 2 * ox + 1),
+                    ] {
+                        let take = v > best || v.is_nan();
+                        best = if take { v } else { best };
+                        at = if take { pos } else { at };
+                    }
+                    o[ox] = best;
+                    ix[ox] = at as i64;
+                }
+            }
+            return;
+        }
         for (oy, &(ylo, yhi)) in ys.iter().enumerate() {
             for (ox, &(xlo, xhi)) in xs.iter().enumerate() {
                 let (y0, x0) = (oy * p.sh, ox * p.sw);
