@@ -157,6 +157,22 @@ simd_kernel!(
 );
 #[cfg(target_arch = "x86_64")]
 simd_kernel!(
+    sgemm_avx512_8x32,
+    f32,
+    "avx512f",
+    __m512,
+    16,
+    8,
+    2,
+    _mm512_setzero_ps,
+    _mm512_set1_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_fmadd_ps,
+    _mm512_mul_ps
+);
+#[cfg(target_arch = "x86_64")]
+simd_kernel!(
     sgemm_avx2_6x16,
     f32,
     "avx2,fma",

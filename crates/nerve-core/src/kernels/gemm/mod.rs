@@ -42,9 +42,30 @@ pub const GEMM_PAR_MIN: usize = 1 << 21;
 pub trait GemmFloat: Float {
     /// The micro-kernel for this machine.
     fn kernel() -> MicroKernel<Self>;
+    /// The micro-kernel for a product with `m` rows: where the machine has a shorter variant
+    /// that pads fewer rows (64 rows: 8 panels of 8 instead of 6 panels of 12), that one.
+    fn kernel_for(m: usize) -> MicroKernel<Self> {
+        let _ = m;
+        Self::kernel()
+    }
 }
 
 impl GemmFloat for f32 {
+    fn kernel_for(m: usize) -> MicroKernel<f32> {
+        let k = Self::kernel();
+        #[cfg(target_arch = "x86_64")]
+        if k.mr == 12 && m <= 512 && m.next_multiple_of(8) - m < m.next_multiple_of(12) - m {
+            return MicroKernel {
+                mr: 8,
+                nr: 32,
+                pack_a: pack::<f32, 8>,
+                pack_b: pack::<f32, 32>,
+                run: micro::sgemm_avx512_8x32,
+                name: "avx512-8x32",
+            };
+        }
+        k
+    }
     fn kernel() -> MicroKernel<f32> {
         match simd_level() {
             #[cfg(target_arch = "x86_64")]
@@ -237,7 +258,7 @@ pub unsafe fn gemm<T: GemmFloat>(
         }
         return;
     }
-    let kern = T::kernel();
+    let kern = T::kernel_for(m);
     let (mr, nr) = (kern.mr, kern.nr);
     let size = std::mem::size_of::<T>();
     let kc_max = KC_BYTES / size;
