@@ -1,17 +1,27 @@
-use nerve_core::{Generator, Result, Tensor};
-fn main() -> Result<()> {
-    let mut g = Generator::new(7);
-    let x2 = Tensor::randn_with([64, 32, 14, 14], &mut g);
-    let w2 = Tensor::randn_with([64, 32, 3, 3], &mut g);
-    let b2 = Tensor::randn_with([64], &mut g);
-    for _ in 0..10 { nerve_core::no_grad(|| x2.conv2d(&w2, Some(&b2), (1, 1), (1, 1), (1, 1), 1))?; }
+use nerve_core::{Result, Tensor};
+use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer};
+fn time(name: &str, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    for _ in 0..5 { f()?; }
     let mut best = f64::MAX;
-    let t0 = std::time::Instant::now();
-    for _ in 0..300 {
-        let t = std::time::Instant::now();
-        std::hint::black_box(nerve_core::no_grad(|| x2.conv2d(&w2, Some(&b2), (1, 1), (1, 1), (1, 1), 1))?);
-        best = best.min(t.elapsed().as_secs_f64());
+    for _ in 0..40 { let t = std::time::Instant::now(); f()?; best = best.min(t.elapsed().as_secs_f64()); }
+    println!("{name:<30} {:.3} ms", best * 1e3);
+    Ok(())
+}
+fn main() -> Result<()> {
+    let m = nerve_models::cnn(&[1, 28, 28], 10)?;
+    let x = Tensor::randn([64, 1, 28, 28]);
+    let y = Tensor::from_vec((0..64i64).map(|i| i % 10).collect::<Vec<_>>(), [64])?;
+    let mut opt = Adam::adamw(m.parameters(), 1e-3, 0.01);
+    time("forward no_grad", || { nerve_core::no_grad(|| m.forward(&x))?; Ok(()) })?;
+    time("forward (graph)", || { m.forward(&x)?; Ok(()) })?;
+    time("forward+loss+backward", || { let l = loss::cross_entropy(&m.forward(&x)?, &y, &Default::default())?; l.backward()?; m.zero_grad(); Ok(()) })?;
+    time("full step", || { let l = loss::cross_entropy(&m.forward(&x)?, &y, &Default::default())?; l.backward()?; opt.step()?; opt.zero_grad(); Ok(()) })?;
+    // layer by layer forward
+    let mut h = x.clone();
+    for (name, layer) in m.children() {
+        let hin = h.clone();
+        time(&format!("  fwd {name} {}", layer.describe()), || { nerve_core::no_grad(|| layer.forward(&hin))?; Ok(()) })?;
+        h = nerve_core::no_grad(|| layer.forward(&hin))?;
     }
-    println!("best {:.3} ms mean {:.3} ms", best * 1e3, t0.elapsed().as_secs_f64() * 1e3 / 300.0);
     Ok(())
 }

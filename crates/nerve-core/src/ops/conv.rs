@@ -883,7 +883,7 @@ fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
                         (bottom[2 * ox], r1 + 2 * ox),
                         (bottom[2 * ox + 1], r1 + 2 * ox + 1),
                     ] {
-                        let take = v > best || v.is_nan();
+                        let take = (v > best) | v.is_nan();
                         best = if take { v } else { best };
                         at = if take { pos } else { at };
                     }
@@ -907,7 +907,7 @@ fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
                         let v = row[ix];
                         // Selects, not branches: on real data the winner is unpredictable and
                         // mispredicted branches cost more than the whole comparison.
-                        let take = v > best || v.is_nan();
+                        let take = (v > best) | v.is_nan();
                         best = if take { v } else { best };
                         at = if take { iy * p.w + ix } else { at };
                     }
