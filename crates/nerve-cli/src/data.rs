@@ -8,6 +8,9 @@ use anyhow::{bail, Context, Result};
 use nerve_data::{digits, load_csv, mnist::load_mnist, CsvOptions, Dataset};
 use sha2::{Digest, Sha256};
 
+/// More classes than this in a CSV file means its last column is not a class index.
+const MAX_CLASSES: usize = 100_000;
+
 /// The data sets of one run: training, validation (held out of the training set) and, where
 /// the data set has one, its official test split.
 pub struct Splits {
@@ -68,7 +71,14 @@ pub fn load(spec: &str, data_dir: Option<&Path>, val_fraction: f64, seed: u64) -
                     "--data {path}: not `digits`, `mnist`, `fashion-mnist` or an existing CSV file"
                 );
             }
-            let (train, val) = split(load_csv(p, &CsvOptions::default())?);
+            let ds = load_csv(p, &CsvOptions::default())?;
+            if ds.num_classes() > MAX_CLASSES {
+                bail!(
+                    "{path}: the last column holds labels up to {}; nerve expects class indices below {MAX_CLASSES} there",
+                    ds.num_classes() - 1
+                );
+            }
+            let (train, val) = split(ds);
             Ok(Splits {
                 train,
                 val,
@@ -143,7 +153,8 @@ fn sha256_hex(path: &Path) -> Result<String> {
 fn find(dir: &Path, name: &str) -> Option<PathBuf> {
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let p = entry.path();
-        if p.is_dir() {
+        // file_type does not follow symbolic links, so a link cycle cannot recurse forever.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
             if let Some(f) = find(&p, name) {
                 return Some(f);
             }

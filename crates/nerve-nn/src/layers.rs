@@ -175,6 +175,22 @@ fn check_groups(op: &'static str, cin: usize, cout: usize, groups: usize) -> Res
     Ok(())
 }
 
+/// Weight shaped `weight_dims`, optional bias `[bias_len]`, PyTorch's default initialisation
+/// (or `options.init`), after checking the groups divide both channel counts.
+fn conv_params(
+    op: &'static str,
+    (cin, cout): (usize, usize),
+    weight_dims: &[usize],
+    bias_len: usize,
+    options: &ConvOptions,
+) -> Result<(Tensor, Option<Tensor>)> {
+    check_groups(op, cin, cout, options.groups)?;
+    let weight = param(weight_dims);
+    let bias = options.bias.then(|| param(&[bias_len]));
+    default_weight_bias(&weight, bias.as_ref(), options.init)?;
+    Ok((weight, bias))
+}
+
 /// 2-D convolution over `[N, C, H, W]`. Weight `[out, in/groups, kh, kw]`.
 pub struct Conv2d {
     /// `[out_channels, in_channels / groups, kh, kw]`.
@@ -193,10 +209,13 @@ impl Conv2d {
         kernel: usize,
         options: ConvOptions,
     ) -> Result<Self> {
-        check_groups("Conv2d", in_channels, out_channels, options.groups)?;
-        let weight = param(&[out_channels, in_channels / options.groups, kernel, kernel]);
-        let bias = options.bias.then(|| param(&[out_channels]));
-        default_weight_bias(&weight, bias.as_ref(), options.init)?;
+        let (weight, bias) = conv_params(
+            "Conv2d",
+            (in_channels, out_channels),
+            &[out_channels, in_channels / options.groups, kernel, kernel],
+            out_channels,
+            &options,
+        )?;
         Ok(Self {
             weight,
             bias,
@@ -253,10 +272,13 @@ impl Conv1d {
         kernel: usize,
         options: ConvOptions,
     ) -> Result<Self> {
-        check_groups("Conv1d", in_channels, out_channels, options.groups)?;
-        let weight = param(&[out_channels, in_channels / options.groups, kernel]);
-        let bias = options.bias.then(|| param(&[out_channels]));
-        default_weight_bias(&weight, bias.as_ref(), options.init)?;
+        let (weight, bias) = conv_params(
+            "Conv1d",
+            (in_channels, out_channels),
+            &[out_channels, in_channels / options.groups, kernel],
+            out_channels,
+            &options,
+        )?;
         Ok(Self {
             weight,
             bias,
@@ -309,10 +331,13 @@ impl ConvTranspose2d {
         kernel: usize,
         options: ConvOptions,
     ) -> Result<Self> {
-        check_groups("ConvTranspose2d", in_channels, out_channels, options.groups)?;
-        let weight = param(&[in_channels, out_channels / options.groups, kernel, kernel]);
-        let bias = options.bias.then(|| param(&[out_channels]));
-        default_weight_bias(&weight, bias.as_ref(), options.init)?;
+        let (weight, bias) = conv_params(
+            "ConvTranspose2d",
+            (in_channels, out_channels),
+            &[in_channels, out_channels / options.groups, kernel, kernel],
+            out_channels,
+            &options,
+        )?;
         Ok(Self {
             weight,
             bias,

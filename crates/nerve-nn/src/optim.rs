@@ -87,6 +87,27 @@ macro_rules! for_float {
     };
 }
 
+/// The [`Optimizer`] methods every optimizer here shares (fields `params`, `lr`, `state`).
+macro_rules! common_optimizer_methods {
+    () => {
+        fn params(&self) -> &[Tensor] {
+            &self.params
+        }
+        fn lr(&self) -> f64 {
+            self.lr
+        }
+        fn set_lr(&mut self, lr: f64) {
+            self.lr = lr;
+        }
+        fn state_dict(&self) -> Vec<(String, Tensor)> {
+            self.state.state_dict()
+        }
+        fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+            self.state.load(&self.params, state)
+        }
+    };
+}
+
 /// An optimizer over a fixed list of parameters.
 pub trait Optimizer {
     /// Update every parameter that has a gradient.
@@ -277,21 +298,7 @@ impl Optimizer for Sgd {
         }
         Ok(())
     }
-    fn params(&self) -> &[Tensor] {
-        &self.params
-    }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.state.state_dict()
-    }
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.state.load(&self.params, state)
-    }
+    common_optimizer_methods!();
 }
 
 /// Adam, and AdamW (decoupled weight decay) with `decoupled = true`.
@@ -368,21 +375,7 @@ impl Optimizer for Adam {
         }
         Ok(())
     }
-    fn params(&self) -> &[Tensor] {
-        &self.params
-    }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.state.state_dict()
-    }
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.state.load(&self.params, state)
-    }
+    common_optimizer_methods!();
 }
 
 /// RMSprop (non-centred), with optional momentum and L2 weight decay.
@@ -453,21 +446,7 @@ impl Optimizer for RmsProp {
         }
         Ok(())
     }
-    fn params(&self) -> &[Tensor] {
-        &self.params
-    }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.state.state_dict()
-    }
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.state.load(&self.params, state)
-    }
+    common_optimizer_methods!();
 }
 
 /// Adagrad with learning-rate decay and L2 weight decay.
@@ -520,21 +499,7 @@ impl Optimizer for Adagrad {
         }
         Ok(())
     }
-    fn params(&self) -> &[Tensor] {
-        &self.params
-    }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.state.state_dict()
-    }
-    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.state.load(&self.params, state)
-    }
+    common_optimizer_methods!();
 }
 
 /// Scale all gradients so that their global L2 norm is at most `max_norm`; returns the norm
