@@ -161,6 +161,26 @@ for step in range(20):
     losses.append(loss.item())
 out["cnn.adamw.losses"] = torch.tensor(losses, dtype=torch.float64)
 
+# ---------------------------------------------------------------- scaled dot-product attention
+q = formula((2, 3, 5, 4), 50.0)
+k = formula((2, 3, 6, 4), 51.0)
+v = formula((2, 3, 6, 3), 52.0)
+bool_mask = formula((5, 6), 53.0) > -0.5
+float_mask = formula((2, 1, 5, 6), 54.0, 0.5)
+sdpa_cases = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "bool_mask": dict(attn_mask=bool_mask),
+    "float_mask": dict(attn_mask=float_mask, scale=0.3),
+}
+for name, kw in sdpa_cases.items():
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(qq, kk, vv, **kw)
+    y.backward(formula(tuple(y.shape), 55.0))
+    out[f"sdpa.{name}.out"] = y.detach()
+    for n, t in (("q", qq), ("k", kk), ("v", vv)):
+        out[f"sdpa.{name}.grad_{n}"] = t.grad
+
 # ---------------------------------------------------------------- a PyTorch checkpoint for nerve
 # A small model with every kind of state (conv, BatchNorm buffers incl. the int64 counter,
 # linear), trained a few steps so the running statistics are not the defaults; its

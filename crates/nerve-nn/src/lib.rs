@@ -27,6 +27,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod checkpoint;
 pub mod init;
 pub mod layers;
@@ -35,6 +36,7 @@ pub mod lr;
 pub mod module;
 pub mod optim;
 
+pub use attention::{scaled_dot_product_attention, SdpaOptions};
 pub use checkpoint::{load_model, load_optimizer, save_model, save_optimizer, CheckpointError};
 pub use init::Init;
 pub use layers::{

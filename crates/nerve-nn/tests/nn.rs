@@ -357,3 +357,57 @@ fn pytorch_checkpoints_load_and_nerve_checkpoints_match_them() -> Result<()> {
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }
+
+#[test]
+fn attention_gradcheck_and_errors() -> Result<()> {
+    use nerve_nn::{scaled_dot_product_attention, SdpaOptions};
+    manual_seed(5);
+    let q = Tensor::randn([2, 3, 4]).to_dtype(DType::F64)?;
+    let k = Tensor::randn([2, 5, 4]).to_dtype(DType::F64)?;
+    let v = Tensor::randn([2, 5, 2]).to_dtype(DType::F64)?;
+    let mask = Tensor::randn([3, 5]).gt(&Tensor::full([3, 5], -0.8))?;
+    for opts in [
+        SdpaOptions::default(),
+        SdpaOptions {
+            causal: true,
+            ..Default::default()
+        },
+        SdpaOptions {
+            mask: Some(mask.clone()),
+            scale: Some(0.7),
+            ..Default::default()
+        },
+    ] {
+        gradcheck(
+            |t| scaled_dot_product_attention(&t[0], &t[1], &t[2], &opts),
+            &[q.clone(), k.clone(), v.clone()],
+        )?;
+    }
+    // Dropout 0 is the identity; with dropout the output keeps its shape and differs.
+    let a = scaled_dot_product_attention(&q, &k, &v, &SdpaOptions::default())?;
+    let d = scaled_dot_product_attention(
+        &q,
+        &k,
+        &v,
+        &SdpaOptions {
+            dropout_p: 0.5,
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(a.dims(), d.dims());
+    assert_ne!(a.to_f64_vec(), d.to_f64_vec());
+    // Mismatched head sizes name the op and both shapes.
+    let e = scaled_dot_product_attention(
+        &q,
+        &Tensor::randn([2, 5, 3]).to_dtype(DType::F64)?,
+        &v,
+        &SdpaOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("scaled_dot_product_attention")
+            && e.to_string().contains("[2, 5, 3]"),
+        "{e}"
+    );
+    Ok(())
+}

@@ -332,3 +332,63 @@ fn optimizers_match_pytorch() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn attention_matches_pytorch() -> Result<()> {
+    use nerve_nn::{scaled_dot_product_attention, SdpaOptions};
+    let fx = fixtures();
+    let q = formula(&[2, 3, 5, 4], 50.0, 1.0);
+    let k = formula(&[2, 3, 6, 4], 51.0, 1.0);
+    let v = formula(&[2, 3, 6, 3], 52.0, 1.0);
+    let bool_mask = formula(&[5, 6], 53.0, 1.0).gt(&Tensor::full([5, 6], -0.5))?;
+    let float_mask = formula(&[2, 1, 5, 6], 54.0, 0.5);
+    let cases = [
+        ("plain", SdpaOptions::default()),
+        (
+            "causal",
+            SdpaOptions {
+                causal: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "bool_mask",
+            SdpaOptions {
+                mask: Some(bool_mask),
+                ..Default::default()
+            },
+        ),
+        (
+            "float_mask",
+            SdpaOptions {
+                mask: Some(float_mask),
+                scale: Some(0.3),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, opts) in cases {
+        let (qq, kk, vv) = (
+            q.detach().requires_grad_(true),
+            k.detach().requires_grad_(true),
+            v.detach().requires_grad_(true),
+        );
+        let y = scaled_dot_product_attention(&qq, &kk, &vv, &opts)?;
+        close(
+            &format!("sdpa {name} out"),
+            &y,
+            &fx[&format!("sdpa.{name}.out")],
+            1e-5,
+        );
+        y.backward_with(&formula(y.dims(), 55.0, 1.0))?;
+        for (n, t) in [("q", &qq), ("k", &kk), ("v", &vv)] {
+            close(
+                &format!("sdpa {name} grad {n}"),
+                &t.grad().unwrap(),
+                &fx[&format!("sdpa.{name}.grad_{n}")],
+                1e-5,
+            );
+        }
+    }
+    Ok(())
+}
