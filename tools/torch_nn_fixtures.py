@@ -181,6 +181,38 @@ for name, kw in sdpa_cases.items():
     for n, t in (("q", qq), ("k", kk), ("v", vv)):
         out[f"sdpa.{name}.grad_{n}"] = t.grad
 
+# ---------------------------------------------------------------- recurrent layers
+rnn_cases = {
+    "lstm": (nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), True),
+    "gru": (nn.GRU(3, 4, num_layers=2, bidirectional=True), False),
+    "rnn": (nn.RNN(3, 4, num_layers=1, nonlinearity="tanh"), False),
+}
+for name, (layer, batch_first) in rnn_cases.items():
+    with torch.no_grad():
+        for k, (pn, p) in enumerate(layer.named_parameters()):
+            p.copy_(formula(tuple(p.shape), 60.0 + k, 0.5))
+    x = formula((2, 5, 3) if batch_first else (5, 2, 3), 70.0).requires_grad_(True)
+    dirs = 2 if layer.bidirectional else 1
+    h0 = formula((layer.num_layers * dirs, 2, 4), 71.0, 0.5).requires_grad_(True)
+    if name == "lstm":
+        c0 = formula((layer.num_layers * dirs, 2, 4), 72.0, 0.5).requires_grad_(True)
+        y, (hn, cn) = layer(x, (h0, c0))
+        loss = (y * formula(tuple(y.shape), 73.0)).sum() + (hn * formula(tuple(hn.shape), 74.0)).sum() \
+            + (cn * formula(tuple(cn.shape), 75.0)).sum()
+    else:
+        y, hn = layer(x, h0)
+        loss = (y * formula(tuple(y.shape), 73.0)).sum() + (hn * formula(tuple(hn.shape), 74.0)).sum()
+    loss.backward()
+    out[f"rnn.{name}.out"] = y.detach()
+    out[f"rnn.{name}.hn"] = hn.detach()
+    if name == "lstm":
+        out[f"rnn.{name}.cn"] = cn.detach()
+        out[f"rnn.{name}.grad_c0"] = c0.grad
+    out[f"rnn.{name}.grad_x"] = x.grad
+    out[f"rnn.{name}.grad_h0"] = h0.grad
+    for pn, p in layer.named_parameters():
+        out[f"rnn.{name}.grad.{pn}"] = p.grad
+
 # ---------------------------------------------------------------- a PyTorch checkpoint for nerve
 # A small model with every kind of state (conv, BatchNorm buffers incl. the int64 counter,
 # linear), trained a few steps so the running statistics are not the defaults; its

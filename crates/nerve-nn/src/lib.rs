@@ -35,6 +35,7 @@ pub mod loss;
 pub mod lr;
 pub mod module;
 pub mod optim;
+pub mod rnn;
 
 pub use attention::{scaled_dot_product_attention, SdpaOptions};
 pub use checkpoint::{load_model, load_optimizer, save_model, save_optimizer, CheckpointError};
@@ -47,3 +48,4 @@ pub use layers::{
 pub use lr::LrSchedule;
 pub use module::{Module, ModuleExt, Sequential, StateDictError};
 pub use optim::{clip_grad_norm, clip_grad_value, Adagrad, Adam, Optimizer, RmsProp, Sgd};
+pub use rnn::{gru, lstm, Rnn, RnnKind, RnnOptions, RnnState};

@@ -411,3 +411,22 @@ fn attention_gradcheck_and_errors() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn fused_recurrent_cells_gradcheck() -> Result<()> {
+    use nerve_nn::rnn::{gru_cell, lstm_cell};
+    manual_seed(6);
+    let f64t = |d: &[usize]| Tensor::randn(d).to_dtype(DType::F64);
+    gradcheck(
+        |t| lstm_cell(&t[0], &t[1]),
+        &[f64t(&[3, 8])?, f64t(&[3, 2])?],
+    )?;
+    gradcheck(
+        |t| gru_cell(&t[0], &t[1], &t[2]),
+        &[f64t(&[3, 6])?, f64t(&[3, 6])?, f64t(&[3, 2])?],
+    )?;
+    // Shapes that do not fit are errors naming the cell.
+    let e = lstm_cell(&f64t(&[3, 8])?, &f64t(&[3, 3])?).unwrap_err();
+    assert!(e.to_string().contains("lstm_cell"), "{e}");
+    Ok(())
+}

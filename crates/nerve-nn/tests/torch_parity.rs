@@ -392,3 +392,111 @@ fn attention_matches_pytorch() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn recurrent_layers_match_pytorch() -> Result<()> {
+    use nerve_nn::{Rnn, RnnKind, RnnOptions, RnnState};
+    let fx = fixtures();
+    let cases = [
+        (
+            "lstm",
+            RnnKind::Lstm,
+            RnnOptions {
+                num_layers: 2,
+                bidirectional: true,
+                batch_first: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "gru",
+            RnnKind::Gru,
+            RnnOptions {
+                num_layers: 2,
+                bidirectional: true,
+                ..Default::default()
+            },
+        ),
+        ("rnn", RnnKind::RnnTanh, RnnOptions::default()),
+    ];
+    for (name, kind, opts) in cases {
+        let layer = Rnn::new(kind, 3, 4, opts)?;
+        for (k, (_, p)) in layer.named_parameters().iter().enumerate() {
+            p.copy_(&formula(p.dims(), 60.0 + k as f64, 0.5))?;
+        }
+        let x = formula(
+            if opts.batch_first {
+                &[2, 5, 3]
+            } else {
+                &[5, 2, 3]
+            },
+            70.0,
+            1.0,
+        )
+        .requires_grad_(true);
+        let dirs = if opts.bidirectional { 2 } else { 1 };
+        let sd = [opts.num_layers * dirs, 2, 4];
+        let h0 = formula(&sd, 71.0, 0.5).requires_grad_(true);
+        let c0 = formula(&sd, 72.0, 0.5).requires_grad_(true);
+        let state = RnnState {
+            h: h0.clone(),
+            c: (kind == RnnKind::Lstm).then(|| c0.clone()),
+        };
+        let (y, st) = layer.forward_with_state(&x, Some(&state))?;
+        close(
+            &format!("{name} out"),
+            &y,
+            &fx[&format!("rnn.{name}.out")],
+            1e-5,
+        );
+        close(
+            &format!("{name} hn"),
+            &st.h,
+            &fx[&format!("rnn.{name}.hn")],
+            1e-5,
+        );
+        let mut loss = y
+            .mul(&formula(y.dims(), 73.0, 1.0))?
+            .sum()?
+            .add(&st.h.mul(&formula(st.h.dims(), 74.0, 1.0))?.sum()?)?;
+        if let Some(c) = &st.c {
+            close(
+                &format!("{name} cn"),
+                c,
+                &fx[&format!("rnn.{name}.cn")],
+                1e-5,
+            );
+            loss = loss.add(&c.mul(&formula(c.dims(), 75.0, 1.0))?.sum()?)?;
+        }
+        loss.backward()?;
+        close(
+            &format!("{name} grad x"),
+            &x.grad().unwrap(),
+            &fx[&format!("rnn.{name}.grad_x")],
+            1e-4,
+        );
+        close(
+            &format!("{name} grad h0"),
+            &h0.grad().unwrap(),
+            &fx[&format!("rnn.{name}.grad_h0")],
+            1e-4,
+        );
+        if kind == RnnKind::Lstm {
+            close(
+                &format!("{name} grad c0"),
+                &c0.grad().unwrap(),
+                &fx[&format!("rnn.{name}.grad_c0")],
+                1e-4,
+            );
+        }
+        for (pn, p) in layer.named_parameters() {
+            close(
+                &format!("{name} grad {pn}"),
+                &p.grad().unwrap(),
+                &fx[&format!("rnn.{name}.grad.{pn}")],
+                1e-4,
+            );
+        }
+    }
+    Ok(())
+}

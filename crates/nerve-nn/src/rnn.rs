@@ -1,0 +1,466 @@
+//! Recurrent layers (RNN, LSTM, GRU) with PyTorch's options, gate order and parameter names
+//! (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`, `…_reverse`), so PyTorch weights
+//! load 1:1.
+//!
+//! The input projection of all time steps is one GEMM; each step then adds one recurrent GEMM
+//! and one fused cell op (all gate non-linearities and the state update in one autodiff node
+//! with its own backward), not a graph node per gate per step.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nerve_core::{DType, Error, Float, Result, Tensor};
+
+use crate::init;
+use crate::module::Module;
+
+/// Which recurrence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RnnKind {
+    /// Elman RNN with tanh.
+    RnnTanh,
+    /// Elman RNN with ReLU.
+    RnnRelu,
+    /// Long short-term memory (gates i, f, g, o).
+    Lstm,
+    /// Gated recurrent unit (gates r, z, n).
+    Gru,
+}
+
+impl RnnKind {
+    fn gates(self) -> usize {
+        match self {
+            RnnKind::RnnTanh | RnnKind::RnnRelu => 1,
+            RnnKind::Lstm => 4,
+            RnnKind::Gru => 3,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            RnnKind::RnnTanh | RnnKind::RnnRelu => "RNN",
+            RnnKind::Lstm => "LSTM",
+            RnnKind::Gru => "GRU",
+        }
+    }
+}
+
+/// Options of a recurrent layer (PyTorch's defaults: one layer, with bias, sequence-first,
+/// no dropout, one direction).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RnnOptions {
+    /// Stacked layers.
+    pub num_layers: usize,
+    /// Whether the layers have biases.
+    pub bias: bool,
+    /// Inputs and outputs are `[batch, seq, feature]` instead of `[seq, batch, feature]`.
+    pub batch_first: bool,
+    /// Dropout on the outputs of every layer but the last (in training).
+    pub dropout: f64,
+    /// A second direction over the reversed sequence, outputs concatenated.
+    pub bidirectional: bool,
+}
+
+impl Default for RnnOptions {
+    fn default() -> Self {
+        Self {
+            num_layers: 1,
+            bias: true,
+            batch_first: false,
+            dropout: 0.0,
+            bidirectional: false,
+        }
+    }
+}
+
+/// One direction of one layer.
+struct Cell {
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Option<Tensor>,
+    b_hh: Option<Tensor>,
+    suffix: String,
+}
+
+/// A multi-layer, optionally bidirectional RNN, LSTM or GRU.
+pub struct Rnn {
+    kind: RnnKind,
+    input_size: usize,
+    hidden: usize,
+    opts: RnnOptions,
+    cells: Vec<Cell>,
+    training: AtomicBool,
+}
+
+/// The recurrent state: `h` `[layers·directions, batch, hidden]`, and `c` for an LSTM.
+#[derive(Clone, Debug)]
+pub struct RnnState {
+    /// Hidden state.
+    pub h: Tensor,
+    /// Cell state (LSTM only).
+    pub c: Option<Tensor>,
+}
+
+/// `nn.LSTM(input_size, hidden_size, …)`.
+pub fn lstm(input_size: usize, hidden: usize, opts: RnnOptions) -> Result<Rnn> {
+    Rnn::new(RnnKind::Lstm, input_size, hidden, opts)
+}
+
+/// `nn.GRU(input_size, hidden_size, …)`.
+pub fn gru(input_size: usize, hidden: usize, opts: RnnOptions) -> Result<Rnn> {
+    Rnn::new(RnnKind::Gru, input_size, hidden, opts)
+}
+
+impl Rnn {
+    /// A recurrent layer; every weight and bias `U(±1/sqrt(hidden))`, as PyTorch.
+    pub fn new(kind: RnnKind, input_size: usize, hidden: usize, opts: RnnOptions) -> Result<Self> {
+        if opts.num_layers == 0 || hidden == 0 {
+            return Err(Error::invalid(
+                kind.name(),
+                "num_layers and hidden_size must be at least 1",
+            ));
+        }
+        if !(0.0..1.0).contains(&opts.dropout) {
+            return Err(Error::invalid(
+                kind.name(),
+                format!("dropout {} not in [0, 1)", opts.dropout),
+            ));
+        }
+        let dirs = if opts.bidirectional { 2 } else { 1 };
+        let gh = kind.gates() * hidden;
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let mut cells = Vec::new();
+        for layer in 0..opts.num_layers {
+            let in_l = if layer == 0 {
+                input_size
+            } else {
+                hidden * dirs
+            };
+            for d in 0..dirs {
+                let p = |dims: &[usize]| -> Result<Tensor> {
+                    let t = Tensor::zeros(dims).requires_grad_(true);
+                    init::uniform_(&t, -bound, bound)?;
+                    Ok(t)
+                };
+                cells.push(Cell {
+                    w_ih: p(&[gh, in_l])?,
+                    w_hh: p(&[gh, hidden])?,
+                    b_ih: if opts.bias { Some(p(&[gh])?) } else { None },
+                    b_hh: if opts.bias { Some(p(&[gh])?) } else { None },
+                    suffix: format!("_l{layer}{}", if d == 1 { "_reverse" } else { "" }),
+                });
+            }
+        }
+        Ok(Self {
+            kind,
+            input_size,
+            hidden,
+            opts,
+            cells,
+            training: AtomicBool::new(true),
+        })
+    }
+
+    /// Run over a sequence `[seq, batch, input]` (or `[batch, seq, input]` with `batch_first`),
+    /// from `state` (zeros when `None`). Returns the outputs `[seq, batch, dirs·hidden]` (same
+    /// layout as the input) and the final state.
+    pub fn forward_with_state(
+        &self,
+        x: &Tensor,
+        state: Option<&RnnState>,
+    ) -> Result<(Tensor, RnnState)> {
+        let op = self.kind.name();
+        if x.rank() != 3 || x.dims()[2] != self.input_size {
+            return Err(Error::bad_shape(
+                op,
+                x.dims(),
+                format!("expected a 3-d input with {} features", self.input_size),
+            ));
+        }
+        let x = if self.opts.batch_first {
+            x.transpose(0, 1)?
+        } else {
+            x.clone()
+        };
+        let (t_len, batch) = (x.dims()[0], x.dims()[1]);
+        let dirs = if self.opts.bidirectional { 2 } else { 1 };
+        let layers = self.opts.num_layers;
+        let want = [layers * dirs, batch, self.hidden];
+        let zeros = Tensor::zeros(want).to_dtype(x.dtype())?;
+        let (h0, c0) = match state {
+            Some(s) => {
+                if s.h.dims() != want {
+                    return Err(Error::shape_mismatch(op, &want, s.h.dims()));
+                }
+                let c = match (self.kind, &s.c) {
+                    (RnnKind::Lstm, Some(c)) if c.dims() == want => c.clone(),
+                    (RnnKind::Lstm, Some(c)) => {
+                        return Err(Error::shape_mismatch(op, &want, c.dims()))
+                    }
+                    (RnnKind::Lstm, None) => zeros.clone(),
+                    _ => zeros.clone(),
+                };
+                (s.h.clone(), c)
+            }
+            None => (zeros.clone(), zeros),
+        };
+        let mut input = x;
+        let (mut hn, mut cn) = (Vec::new(), Vec::new());
+        for layer in 0..layers {
+            let mut outs = Vec::new();
+            for d in 0..dirs {
+                let idx = layer * dirs + d;
+                let (seq, h, c) = self.run_direction(
+                    &self.cells[idx],
+                    &input,
+                    &h0.select(0, idx)?,
+                    &c0.select(0, idx)?,
+                    d == 1,
+                    t_len,
+                )?;
+                outs.push(seq);
+                hn.push(h);
+                cn.push(c);
+            }
+            input = if dirs == 2 {
+                Tensor::cat(&[&outs[0], &outs[1]], 2)?
+            } else {
+                outs.remove(0)
+            };
+            if layer + 1 < layers && self.opts.dropout > 0.0 {
+                input = input.dropout(self.opts.dropout, self.training.load(Ordering::Relaxed))?;
+            }
+        }
+        let out = if self.opts.batch_first {
+            input.transpose(0, 1)?
+        } else {
+            input
+        };
+        let h = Tensor::stack(&hn.iter().collect::<Vec<_>>(), 0)?;
+        let c = (self.kind == RnnKind::Lstm)
+            .then(|| Tensor::stack(&cn.iter().collect::<Vec<_>>(), 0))
+            .transpose()?;
+        Ok((out, RnnState { h, c }))
+    }
+
+    /// One direction of one layer over `x` `[T, B, in]`: outputs `[T, B, H]` and final h, c.
+    #[allow(clippy::too_many_arguments)]
+    fn run_direction(
+        &self,
+        cell: &Cell,
+        x: &Tensor,
+        h0: &Tensor,
+        c0: &Tensor,
+        reverse: bool,
+        t_len: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hsz = self.hidden as isize;
+        let (b, inp) = (x.dims()[1], x.dims()[2]);
+        // All time steps' input projections in one GEMM.
+        let mut xp = x.reshape(&[-1, inp as isize])?.matmul(&cell.w_ih.t()?)?;
+        if let Some(bi) = &cell.b_ih {
+            xp = xp.add(bi)?;
+        }
+        // An LSTM or RNN adds b_hh with b_ih; a GRU keeps it with the recurrent part.
+        let fold_bhh = self.kind != RnnKind::Gru;
+        if let (true, Some(bh)) = (fold_bhh, &cell.b_hh) {
+            xp = xp.add(bh)?;
+        }
+        let xp = xp.reshape(&[t_len as isize, b as isize, -1])?;
+        let w_hh_t = cell.w_hh.t()?;
+        let (mut h, mut c) = (h0.clone(), c0.clone());
+        let mut outs = vec![None; t_len];
+        for step in 0..t_len {
+            let t = if reverse { t_len - 1 - step } else { step };
+            let xt = xp.select(0, t)?;
+            let hp = h.matmul(&w_hh_t)?;
+            match self.kind {
+                RnnKind::Lstm => {
+                    let hc = lstm_cell(&xt.add(&hp)?, &c)?;
+                    h = hc.narrow(1, 0, hsz as usize)?;
+                    c = hc.narrow(1, hsz as usize, hsz as usize)?;
+                }
+                RnnKind::Gru => {
+                    let hp = match &cell.b_hh {
+                        Some(bh) => hp.add(bh)?,
+                        None => hp,
+                    };
+                    h = gru_cell(&xt, &hp, &h)?;
+                }
+                RnnKind::RnnTanh => h = xt.add(&hp)?.tanh()?,
+                RnnKind::RnnRelu => h = xt.add(&hp)?.relu()?,
+            }
+            outs[t] = Some(h.clone());
+        }
+        let outs: Vec<Tensor> = outs
+            .into_iter()
+            .map(|o| o.expect("every step ran"))
+            .collect();
+        let seq = Tensor::stack(&outs.iter().collect::<Vec<_>>(), 0)?;
+        Ok((seq, h, c))
+    }
+}
+
+impl Module for Rnn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_state(x, None)?.0)
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for c in &self.cells {
+            v.push((format!("weight_ih{}", c.suffix), c.w_ih.clone()));
+            v.push((format!("weight_hh{}", c.suffix), c.w_hh.clone()));
+            if let Some(b) = &c.b_ih {
+                v.push((format!("bias_ih{}", c.suffix), b.clone()));
+            }
+            if let Some(b) = &c.b_hh {
+                v.push((format!("bias_hh{}", c.suffix), b.clone()));
+            }
+        }
+        v
+    }
+    fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{}({}, {}, num_layers={}, batch_first={}, bidirectional={})",
+            self.kind.name(),
+            self.input_size,
+            self.hidden,
+            self.opts.num_layers,
+            self.opts.batch_first,
+            self.opts.bidirectional
+        )
+    }
+}
+
+/// Run `$body` with `$T` bound to the float type of `$t`.
+macro_rules! float_body {
+    ($op:expr, $t:expr, $T:ident => $body:block) => {
+        match $t.dtype() {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            d => Err(Error::invalid($op, format!("needs f32 or f64, got {d:?}"))),
+        }
+    };
+}
+
+fn sigmoid<T: Float>(x: T) -> T {
+    T::ONE / (T::ONE + (-x).exp())
+}
+
+/// The fused LSTM cell: pre-activations `a` `[B, 4H]` (gates i, f, g, o) and `c` `[B, H]` →
+/// `[B, 2H]` holding the new `h` then the new `c`.
+pub fn lstm_cell(a: &Tensor, c: &Tensor) -> Result<Tensor> {
+    const OP: &str = "lstm_cell";
+    let (b, h4) = (a.dims()[0], a.dims()[1]);
+    let hs = h4 / 4;
+    if a.rank() != 2 || h4 % 4 != 0 || c.dims() != [b, hs] {
+        return Err(Error::shape_mismatch(OP, a.dims(), c.dims()));
+    }
+    float_body!(OP, a, T => {
+        let av: Vec<T> = a.contiguous()?.to_vec()?;
+        let cv: Vec<T> = c.contiguous()?.to_vec()?;
+        // Saved per element: i, f, g, o, tanh(c_new).
+        let mut saved = vec![0.0 as T; b * hs * 5];
+        let mut out = vec![0.0 as T; b * hs * 2];
+        for r in 0..b {
+            for j in 0..hs {
+                let g4 = &av[r * h4..(r + 1) * h4];
+                let (i, f, g, o) = (sigmoid(g4[j]), sigmoid(g4[hs + j]), g4[2 * hs + j].tanh(), sigmoid(g4[3 * hs + j]));
+                let cn = f * cv[r * hs + j] + i * g;
+                let tc = cn.tanh();
+                out[r * 2 * hs + j] = o * tc;
+                out[r * 2 * hs + hs + j] = cn;
+                let s = &mut saved[(r * hs + j) * 5..(r * hs + j) * 5 + 5];
+                s.copy_from_slice(&[i, f, g, o, tc]);
+            }
+        }
+        let out = Tensor::from_vec(out, [b, 2 * hs])?;
+        Ok(out.attach_backward(OP, &[a, c], move |grad| {
+            let gv: Vec<T> = grad.contiguous()?.to_vec()?;
+            let mut da = vec![0.0 as T; b * h4];
+            let mut dc = vec![0.0 as T; b * hs];
+            for r in 0..b {
+                for j in 0..hs {
+                    let s = &saved[(r * hs + j) * 5..(r * hs + j) * 5 + 5];
+                    let (i, f, g, o, tc) = (s[0], s[1], s[2], s[3], s[4]);
+                    let dh = gv[r * 2 * hs + j];
+                    let dct = gv[r * 2 * hs + hs + j] + dh * o * (1.0 - tc * tc);
+                    let d = &mut da[r * h4..(r + 1) * h4];
+                    d[j] = dct * g * i * (1.0 - i);
+                    d[hs + j] = dct * cv[r * hs + j] * f * (1.0 - f);
+                    d[2 * hs + j] = dct * i * (1.0 - g * g);
+                    d[3 * hs + j] = dh * tc * o * (1.0 - o);
+                    dc[r * hs + j] = dct * f;
+                }
+            }
+            Ok(vec![Some(Tensor::from_vec(da, [b, h4])?), Some(Tensor::from_vec(dc, [b, hs])?)])
+        }))
+    })
+}
+
+/// The fused GRU cell: input part `x` `[B, 3H]` (`x W_ihᵀ + b_ih`, gates r, z, n), recurrent
+/// part `hp` `[B, 3H]` (`h W_hhᵀ + b_hh`) and `h` `[B, H]` → the new `h`.
+pub fn gru_cell(x: &Tensor, hp: &Tensor, h: &Tensor) -> Result<Tensor> {
+    const OP: &str = "gru_cell";
+    let (b, h3) = (x.dims()[0], x.dims()[1]);
+    let hs = h3 / 3;
+    if x.rank() != 2 || h3 % 3 != 0 || hp.dims() != x.dims() || h.dims() != [b, hs] {
+        return Err(Error::shape_mismatch(OP, x.dims(), h.dims()));
+    }
+    float_body!(OP, x, T => {
+        let xv: Vec<T> = x.contiguous()?.to_vec()?;
+        let pv: Vec<T> = hp.contiguous()?.to_vec()?;
+        let hv: Vec<T> = h.contiguous()?.to_vec()?;
+        // Saved per element: r, z, n.
+        let mut saved = vec![0.0 as T; b * hs * 3];
+        let mut out = vec![0.0 as T; b * hs];
+        for r_ in 0..b {
+            for j in 0..hs {
+                let (xr, pr) = (&xv[r_ * h3..(r_ + 1) * h3], &pv[r_ * h3..(r_ + 1) * h3]);
+                let r = sigmoid(xr[j] + pr[j]);
+                let z = sigmoid(xr[hs + j] + pr[hs + j]);
+                let n = (xr[2 * hs + j] + r * pr[2 * hs + j]).tanh();
+                out[r_ * hs + j] = (1.0 - z) * n + z * hv[r_ * hs + j];
+                saved[(r_ * hs + j) * 3..(r_ * hs + j) * 3 + 3].copy_from_slice(&[r, z, n]);
+            }
+        }
+        let out = Tensor::from_vec(out, [b, hs])?;
+        Ok(out.attach_backward(OP, &[x, hp, h], move |grad| {
+            let gv: Vec<T> = grad.contiguous()?.to_vec()?;
+            let mut dx = vec![0.0 as T; b * h3];
+            let mut dp = vec![0.0 as T; b * h3];
+            let mut dh = vec![0.0 as T; b * hs];
+            for r_ in 0..b {
+                for j in 0..hs {
+                    let s = &saved[(r_ * hs + j) * 3..(r_ * hs + j) * 3 + 3];
+                    let (r, z, n) = (s[0], s[1], s[2]);
+                    let g = gv[r_ * hs + j];
+                    let dn = g * (1.0 - z) * (1.0 - n * n);
+                    let dz = g * (hv[r_ * hs + j] - n) * z * (1.0 - z);
+                    let hn = pv[r_ * h3 + 2 * hs + j];
+                    let dr = dn * hn * r * (1.0 - r);
+                    let (ddx, ddp) = (&mut dx[r_ * h3..(r_ + 1) * h3], &mut dp[r_ * h3..(r_ + 1) * h3]);
+                    ddx[j] = dr;
+                    ddx[hs + j] = dz;
+                    ddx[2 * hs + j] = dn;
+                    ddp[j] = dr;
+                    ddp[hs + j] = dz;
+                    ddp[2 * hs + j] = dn * r;
+                    dh[r_ * hs + j] = g * z;
+                }
+            }
+            Ok(vec![
+                Some(Tensor::from_vec(dx, [b, h3])?),
+                Some(Tensor::from_vec(dp, [b, h3])?),
+                Some(Tensor::from_vec(dh, [b, hs])?),
+            ])
+        }))
+    })
+}
