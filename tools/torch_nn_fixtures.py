@@ -181,6 +181,29 @@ for name, kw in sdpa_cases.items():
     for n, t in (("q", qq), ("k", kk), ("v", vv)):
         out[f"sdpa.{name}.grad_{n}"] = t.grad
 
+# ---------------------------------------------------------------- multi-head attention
+for name, batch_first in (("mha_bf", True), ("mha_sf", False)):
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    with torch.no_grad():
+        for k, (pn, p) in enumerate(mha.named_parameters()):
+            p.copy_(formula(tuple(p.shape), 80.0 + k, 0.4))
+    shape_q, shape_kv = ((2, 5, 8), (2, 6, 8)) if batch_first else ((5, 2, 8), (6, 2, 8))
+    qx = formula(shape_q, 90.0).requires_grad_(True)
+    kx = formula(shape_kv, 91.0).requires_grad_(True)
+    vx = formula(shape_kv, 92.0).requires_grad_(True)
+    if batch_first:
+        kpm = torch.tensor([[False] * 5 + [True], [False] * 6])
+        am = formula((5, 6), 93.0) > 0.7
+        y, _ = mha(qx, kx, vx, key_padding_mask=kpm, attn_mask=am, need_weights=False)
+    else:
+        y, _ = mha(qx, kx, vx, attn_mask=formula((5, 6), 94.0, 0.5), need_weights=False)
+    y.backward(formula(tuple(y.shape), 95.0))
+    out[f"{name}.out"] = y.detach()
+    for n, t in (("q", qx), ("k", kx), ("v", vx)):
+        out[f"{name}.grad_{n}"] = t.grad
+    for pn, p in mha.named_parameters():
+        out[f"{name}.grad.{pn}"] = p.grad
+
 # ---------------------------------------------------------------- recurrent layers
 rnn_cases = {
     "lstm": (nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), True),

@@ -91,3 +91,177 @@ pub fn scaled_dot_product_attention(
         })
     }))
 }
+
+/// Multi-head attention with PyTorch's parameter layout: `in_proj_weight` `[3E, E]`,
+/// `in_proj_bias` `[3E]`, `out_proj.weight` `[E, E]`, `out_proj.bias` `[E]`.
+pub struct MultiheadAttention {
+    /// Packed query, key and value projections `[3E, E]`.
+    pub in_proj_weight: Tensor,
+    /// Packed projection biases `[3E]`.
+    pub in_proj_bias: Option<Tensor>,
+    /// Output projection.
+    pub out_proj: crate::layers::Linear,
+    /// Number of heads.
+    pub num_heads: usize,
+    /// Inputs are `[batch, seq, embed]` instead of `[seq, batch, embed]`.
+    pub batch_first: bool,
+    /// Dropout on the attention probabilities (in training).
+    pub dropout: f64,
+    training: std::sync::atomic::AtomicBool,
+}
+
+/// Masks of [`MultiheadAttention::attend`], with PyTorch's meaning: `true` = *not* attended.
+#[derive(Clone, Debug, Default)]
+pub struct MhaMasks {
+    /// `[batch, S]` bool: keys to ignore (padding).
+    pub key_padding_mask: Option<Tensor>,
+    /// `[L, S]` bool (`true` = blocked) or float (added to the scores).
+    pub attn_mask: Option<Tensor>,
+    /// Causal masking.
+    pub is_causal: bool,
+}
+
+impl MultiheadAttention {
+    /// `nn.MultiheadAttention(embed_dim, num_heads, bias=bias, batch_first=batch_first)` with
+    /// PyTorch's initialisation (xavier-uniform in-projection, zero biases).
+    pub fn new(embed_dim: usize, num_heads: usize, bias: bool, batch_first: bool) -> Result<Self> {
+        if num_heads == 0 || embed_dim % num_heads != 0 {
+            return Err(Error::invalid(
+                "MultiheadAttention",
+                format!("embed_dim {embed_dim} must be divisible by num_heads {num_heads}"),
+            ));
+        }
+        let in_proj_weight = Tensor::zeros([3 * embed_dim, embed_dim]).requires_grad_(true);
+        crate::init::xavier_uniform_(&in_proj_weight, 1.0)?;
+        let in_proj_bias = bias.then(|| Tensor::zeros([3 * embed_dim]).requires_grad_(true));
+        let out_proj = crate::layers::Linear::new(embed_dim, embed_dim, bias)?;
+        if let Some(b) = &out_proj.bias {
+            crate::init::zeros_(b)?;
+        }
+        Ok(Self {
+            in_proj_weight,
+            in_proj_bias,
+            out_proj,
+            num_heads,
+            batch_first,
+            dropout: 0.0,
+            training: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    /// Attention of `query` over `key`/`value` (each `[L or S, batch, E]`, or batch first).
+    pub fn attend(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        masks: &MhaMasks,
+    ) -> Result<Tensor> {
+        const OP: &str = "MultiheadAttention";
+        let e = self.in_proj_weight.dims()[1];
+        let to_bf = |t: &Tensor| -> Result<Tensor> {
+            if t.rank() != 3 || t.dims()[2] != e {
+                return Err(Error::bad_shape(
+                    OP,
+                    t.dims(),
+                    format!("expected 3-d inputs with embed_dim {e}"),
+                ));
+            }
+            if self.batch_first {
+                Ok(t.clone())
+            } else {
+                t.transpose(0, 1)
+            }
+        };
+        let (q, k, v) = (to_bf(query)?, to_bf(key)?, to_bf(value)?);
+        let (b, l, s) = (q.dims()[0], q.dims()[1], k.dims()[1]);
+        let (h, hd) = (self.num_heads as isize, (e / self.num_heads) as isize);
+        let project = |x: &Tensor, i: usize| -> Result<Tensor> {
+            let w = self.in_proj_weight.narrow(0, i * e, e)?;
+            let mut y = x.matmul(&w.t()?)?;
+            if let Some(bias) = &self.in_proj_bias {
+                y = y.add(&bias.narrow(0, i * e, e)?)?;
+            }
+            // [B, T, E] -> [B, heads, T, hd]
+            y.reshape(&[b as isize, -1, h, hd])?.transpose(1, 2)
+        };
+        let (qh, kh, vh) = (project(&q, 0)?, project(&k, 1)?, project(&v, 2)?);
+        // Combine the masks into SDPA's form (true = may attend / float added).
+        let mut mask: Option<Tensor> = None;
+        if let Some(kpm) = &masks.key_padding_mask {
+            if kpm.dims() != [b, s] {
+                return Err(Error::shape_mismatch(OP, &[b, s], kpm.dims()));
+            }
+            let allowed = kpm.eq(&Tensor::zeros_with(Vec::<usize>::new(), DType::Bool))?;
+            mask = Some(allowed.reshape(&[b as isize, 1, 1, s as isize])?);
+        }
+        let mut float_mask = None;
+        if let Some(am) = &masks.attn_mask {
+            if am.dtype() == DType::Bool {
+                let allowed = am.eq(&Tensor::zeros_with(Vec::<usize>::new(), DType::Bool))?;
+                mask = Some(match mask {
+                    Some(m) => m
+                        .to_dtype(DType::F32)?
+                        .mul(&allowed.to_dtype(DType::F32)?)?
+                        .gt(&Tensor::zeros(()))?,
+                    None => allowed,
+                });
+            } else {
+                float_mask = Some(am.clone());
+            }
+        }
+        let mask = match (mask, float_mask) {
+            (Some(m), Some(f)) => Some(m.where_cond(
+                &f,
+                &Tensor::full((), f64::NEG_INFINITY).to_dtype(f.dtype())?,
+            )?),
+            (Some(m), None) => Some(m),
+            (None, f) => f,
+        };
+        let training = self.training.load(std::sync::atomic::Ordering::Relaxed);
+        let opts = SdpaOptions {
+            mask,
+            causal: masks.is_causal,
+            dropout_p: if training { self.dropout } else { 0.0 },
+            scale: None,
+        };
+        let o = scaled_dot_product_attention(&qh, &kh, &vh, &opts)?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape(&[b as isize, l as isize, e as isize])?;
+        let y = crate::module::Module::forward(&self.out_proj, &o)?;
+        if self.batch_first {
+            Ok(y)
+        } else {
+            y.transpose(0, 1)
+        }
+    }
+}
+
+impl crate::module::Module for MultiheadAttention {
+    /// Self-attention of `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.attend(x, x, x, &MhaMasks::default())
+    }
+    fn own_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("in_proj_weight".to_string(), self.in_proj_weight.clone())];
+        if let Some(b) = &self.in_proj_bias {
+            v.push(("in_proj_bias".to_string(), b.clone()));
+        }
+        v
+    }
+    fn children(&self) -> Vec<(String, &dyn crate::module::Module)> {
+        vec![("out_proj".to_string(), &self.out_proj)]
+    }
+    fn set_training(&self, training: bool) {
+        self.training
+            .store(training, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn describe(&self) -> String {
+        format!(
+            "MultiheadAttention(embed_dim={}, num_heads={})",
+            self.in_proj_weight.dims()[1],
+            self.num_heads
+        )
+    }
+}

@@ -37,7 +37,7 @@ pub mod module;
 pub mod optim;
 pub mod rnn;
 
-pub use attention::{scaled_dot_product_attention, SdpaOptions};
+pub use attention::{scaled_dot_product_attention, MhaMasks, MultiheadAttention, SdpaOptions};
 pub use checkpoint::{load_model, load_optimizer, save_model, save_optimizer, CheckpointError};
 pub use init::Init;
 pub use layers::{

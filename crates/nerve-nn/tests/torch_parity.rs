@@ -500,3 +500,74 @@ fn recurrent_layers_match_pytorch() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn multihead_attention_matches_pytorch() -> Result<()> {
+    use nerve_nn::{MhaMasks, MultiheadAttention};
+    let fx = fixtures();
+    for (name, batch_first) in [("mha_bf", true), ("mha_sf", false)] {
+        let mha = MultiheadAttention::new(8, 2, true, batch_first)?;
+        let names: Vec<String> = mha.named_parameters().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "in_proj_weight",
+                "in_proj_bias",
+                "out_proj.weight",
+                "out_proj.bias"
+            ]
+        );
+        for (k, (_, p)) in mha.named_parameters().iter().enumerate() {
+            p.copy_(&formula(p.dims(), 80.0 + k as f64, 0.4))?;
+        }
+        let (sq, skv): (&[usize], &[usize]) = if batch_first {
+            (&[2, 5, 8], &[2, 6, 8])
+        } else {
+            (&[5, 2, 8], &[6, 2, 8])
+        };
+        let q = formula(sq, 90.0, 1.0).requires_grad_(true);
+        let k = formula(skv, 91.0, 1.0).requires_grad_(true);
+        let v = formula(skv, 92.0, 1.0).requires_grad_(true);
+        let masks = if batch_first {
+            let mut kpm = vec![0u8; 12];
+            kpm[5] = 1;
+            MhaMasks {
+                key_padding_mask: Some(
+                    Tensor::from_vec(kpm, [2, 6])?.to_dtype(nerve_core::DType::Bool)?,
+                ),
+                attn_mask: Some(formula(&[5, 6], 93.0, 1.0).gt(&Tensor::full([5, 6], 0.7))?),
+                is_causal: false,
+            }
+        } else {
+            MhaMasks {
+                attn_mask: Some(formula(&[5, 6], 94.0, 0.5)),
+                ..Default::default()
+            }
+        };
+        let y = mha.attend(&q, &k, &v, &masks)?;
+        close(
+            &format!("{name} out"),
+            &y,
+            &fx[&format!("{name}.out")],
+            1e-5,
+        );
+        y.backward_with(&formula(y.dims(), 95.0, 1.0))?;
+        for (n, t) in [("q", &q), ("k", &k), ("v", &v)] {
+            close(
+                &format!("{name} grad {n}"),
+                &t.grad().unwrap(),
+                &fx[&format!("{name}.grad_{n}")],
+                1e-4,
+            );
+        }
+        for (pn, p) in mha.named_parameters() {
+            close(
+                &format!("{name} grad {pn}"),
+                &p.grad().unwrap(),
+                &fx[&format!("{name}.grad.{pn}")],
+                1e-4,
+            );
+        }
+    }
+    Ok(())
+}
