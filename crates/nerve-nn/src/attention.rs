@@ -125,7 +125,7 @@ impl MultiheadAttention {
     /// `nn.MultiheadAttention(embed_dim, num_heads, bias=bias, batch_first=batch_first)` with
     /// PyTorch's initialisation (xavier-uniform in-projection, zero biases).
     pub fn new(embed_dim: usize, num_heads: usize, bias: bool, batch_first: bool) -> Result<Self> {
-        if num_heads == 0 || embed_dim % num_heads != 0 {
+        if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
             return Err(Error::invalid(
                 "MultiheadAttention",
                 format!("embed_dim {embed_dim} must be divisible by num_heads {num_heads}"),
