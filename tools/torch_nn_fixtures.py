@@ -204,6 +204,59 @@ for name, batch_first in (("mha_bf", True), ("mha_sf", False)):
     for pn, p in mha.named_parameters():
         out[f"{name}.grad.{pn}"] = p.grad
 
+# ---------------------------------------------------------------- a GPT (the zoo's `gpt`)
+class Mlp(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, w, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(w)
+        self.attn = nn.MultiheadAttention(w, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(w)
+        self.mlp = Mlp(w)
+
+    def forward(self, x):
+        t = x.shape[1]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Gpt(nn.Module):
+    def __init__(self, vocab, ctx, layers, heads, w):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, w), nn.Embedding(ctx, w)
+        self.h = nn.ModuleList([Block(w, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(w)
+
+    def forward(self, ids):
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+        for b in self.h:
+            x = b(x)
+        return self.ln_f(x) @ self.wte.weight.T
+
+
+gpt = Gpt(11, 8, 2, 2, 8)
+with torch.no_grad():
+    for k, (pn, p) in enumerate(gpt.named_parameters()):
+        p.copy_(formula(tuple(p.shape), 100.0 + k, 0.3))
+ids = torch.tensor([[(i * 5 + j) % 11 for i in range(7)] for j in range(3)])
+logits = gpt(ids)
+loss = F.cross_entropy(logits.reshape(-1, 11), ((ids + 1) % 11).reshape(-1))
+loss.backward()
+out["gpt.logits"] = logits.detach()
+out["gpt.loss"] = loss.detach()
+for pn, p in gpt.named_parameters():
+    out[f"gpt.grad.{pn}"] = p.grad
+
 # ---------------------------------------------------------------- recurrent layers
 rnn_cases = {
     "lstm": (nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), True),

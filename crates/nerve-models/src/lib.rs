@@ -5,7 +5,9 @@
 #![warn(missing_docs)]
 
 pub mod cnn;
+pub mod gpt;
 pub mod mlp;
 
 pub use cnn::cnn;
+pub use gpt::{Gpt, GptConfig};
 pub use mlp::mlp;

@@ -36,6 +36,7 @@ pub mod lr;
 pub mod module;
 pub mod optim;
 pub mod rnn;
+pub mod transformer;
 
 pub use attention::{scaled_dot_product_attention, MhaMasks, MultiheadAttention, SdpaOptions};
 pub use checkpoint::{load_model, load_optimizer, save_model, save_optimizer, CheckpointError};
@@ -49,3 +50,4 @@ pub use lr::LrSchedule;
 pub use module::{Module, ModuleExt, Sequential, StateDictError};
 pub use optim::{clip_grad_norm, clip_grad_value, Adagrad, Adam, Optimizer, RmsProp, Sgd};
 pub use rnn::{gru, lstm, Rnn, RnnKind, RnnOptions, RnnState};
+pub use transformer::{apply_rotary, sinusoidal_encoding, BlockOptions, TransformerBlock};
