@@ -161,7 +161,7 @@ pub fn sinusoidal_encoding(len: usize, dim: usize) -> Result<Tensor> {
 /// `[..., seq, head_dim]` for positions `offset..offset+seq`. Differentiable.
 pub fn apply_rotary(x: &Tensor, offset: usize, base: f64) -> Result<Tensor> {
     let r = x.rank();
-    if r < 2 || x.dims()[r - 1] % 2 != 0 {
+    if r < 2 || !x.dims()[r - 1].is_multiple_of(2) {
         return Err(Error::bad_shape(
             "apply_rotary",
             x.dims(),

@@ -430,3 +430,36 @@ fn fused_recurrent_cells_gradcheck() -> Result<()> {
     assert!(e.to_string().contains("lstm_cell"), "{e}");
     Ok(())
 }
+
+#[test]
+fn positional_encodings() -> Result<()> {
+    use nerve_nn::{apply_rotary, sinusoidal_encoding};
+    let pe = sinusoidal_encoding(4, 6)?.to_vec::<f32>()?;
+    // Position 0: sin 0 = 0 in even columns, cos 0 = 1 in odd ones; position 1, column 0: sin 1.
+    assert_eq!(&pe[..6], &[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
+    assert!((pe[6] - 1f32.sin()).abs() < 1e-6);
+    // Rotary: the score between positions m and n depends only on m - n, and norms are kept.
+    manual_seed(7);
+    let q = Tensor::randn([1, 8]).to_dtype(DType::F64)?;
+    let k = Tensor::randn([1, 8]).to_dtype(DType::F64)?;
+    let score = |m: usize, n: usize| -> Result<f64> {
+        apply_rotary(&q, m, 10000.0)?
+            .mul(&apply_rotary(&k, n, 10000.0)?)?
+            .sum()?
+            .item::<f64>()
+    };
+    assert!((score(3, 1)? - score(7, 5)?).abs() < 1e-9);
+    assert!((score(3, 1)? - score(1, 3)?).abs() > 1e-6);
+    let n0 = q.square()?.sum()?.item::<f64>()?;
+    let n5 = apply_rotary(&q, 5, 10000.0)?
+        .square()?
+        .sum()?
+        .item::<f64>()?;
+    assert!((n0 - n5).abs() < 1e-9);
+    gradcheck(
+        |t| apply_rotary(&t[0], 2, 10000.0),
+        &[Tensor::randn([2, 3, 4]).to_dtype(DType::F64)?],
+    )?;
+    assert!(apply_rotary(&Tensor::randn([2, 3]), 0, 10000.0).is_err());
+    Ok(())
+}
