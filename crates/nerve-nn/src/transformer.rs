@@ -170,14 +170,15 @@ pub fn apply_rotary(x: &Tensor, offset: usize, base: f64) -> Result<Tensor> {
     }
     let (seq, d) = (x.dims()[r - 2], x.dims()[r - 1]);
     let half = d / 2;
-    let mut cos = vec![0f32; seq * d];
-    let mut sin = vec![0f32; seq * d];
+    // Tables in f64, rounded once to x's dtype.
+    let mut cos = vec![0f64; seq * d];
+    let mut sin = vec![0f64; seq * d];
     for p in 0..seq {
         for i in 0..half {
             let a = (offset + p) as f64 * base.powf(-2.0 * i as f64 / d as f64);
             for j in [i, i + half] {
-                cos[p * d + j] = a.cos() as f32;
-                sin[p * d + j] = a.sin() as f32;
+                cos[p * d + j] = a.cos();
+                sin[p * d + j] = a.sin();
             }
         }
     }
