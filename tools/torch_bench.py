@@ -61,6 +61,49 @@ def cnn():
     return train_step(model, torch.randn(64, 1, 28, 28), 10)
 
 
+def gpt():
+    nn, F = torch.nn, torch.nn.functional
+
+    class Block(nn.Module):
+        def __init__(self, w, heads):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(w), nn.LayerNorm(w)
+            self.attn = nn.MultiheadAttention(w, heads, batch_first=True)
+            self.fc, self.proj = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
+
+        def forward(self, x):
+            t = x.shape[1]
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+            h = self.ln_1(x)
+            x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+            return x + self.proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+    class Gpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(65, 128), nn.Embedding(128, 128)
+            self.h = nn.ModuleList([Block(128, 4) for _ in range(4)])
+            self.ln_f = nn.LayerNorm(128)
+
+        def forward(self, ids):
+            x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+            for b in self.h:
+                x = b(x)
+            return self.ln_f(x) @ self.wte.weight.T
+
+    model = Gpt()
+    ids = torch.tensor([(i * 7 + i // 13) % 65 for i in range(16 * 128)]).reshape(16, 128)
+    targets = ((ids + 1) % 65).reshape(-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+
+    def step():
+        loss = F.cross_entropy(model(ids).reshape(-1, 65), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
 def softmax():
     a = torch.randn(4096, 1024)
     return lambda: torch.softmax(a, -1)
@@ -70,6 +113,7 @@ def softmax():
 WORKLOADS = [
     ("mlp", "samples/s", 128, mlp, True),
     ("cnn", "samples/s", 64, cnn, True),
+    ("gpt", "tokens/s", 16 * 128, gpt, True),
     ("sgemm-1024", "GFLOP/s", 2 * 1024**3 / 1e9, lambda: sgemm(1024), False),
     ("sgemm-4096", "GFLOP/s", 2 * 4096**3 / 1e9, lambda: sgemm(4096), False),
     ("add-16m", "GB/s", 3 * 4 * EW_N / 1e9, add, False),

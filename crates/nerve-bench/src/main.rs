@@ -98,6 +98,30 @@ fn workloads() -> Vec<Workload> {
                 )
             },
         },
+        // Decoder-only Transformer (vocab 65, context 128, 4 layers, 4 heads, width 128),
+        // batch 16 × 128 tokens, AdamW lr 3e-4.
+        Workload {
+            name: "gpt",
+            unit: "tokens/s",
+            work: 16.0 * 128.0,
+            setup: || {
+                manual_seed(0);
+                let model = nerve_models::Gpt::new(nerve_models::GptConfig::default())?;
+                let ids: Vec<i64> = (0..16 * 128).map(|i| (i * 7 + i / 13) % 65).collect();
+                let targets: Vec<i64> = ids.iter().map(|v| (v + 1) % 65).collect();
+                let ids = Tensor::from_vec(ids, [16, 128])?;
+                let targets = Tensor::from_vec(targets, [16 * 128])?;
+                let mut opt = Adam::adamw(model.parameters(), 3e-4, 0.01);
+                Ok(Box::new(move || {
+                    let logits = model.forward(&ids)?.reshape(&[-1, 65])?;
+                    let l = loss::cross_entropy(&logits, &targets, &Default::default())?;
+                    l.backward()?;
+                    opt.step()?;
+                    opt.zero_grad();
+                    Ok(())
+                }))
+            },
+        },
         // The small CNN on 1×28×28, batch 64, AdamW lr 1e-3 (PyTorch's default decay 0.01).
         Workload {
             name: "cnn",
