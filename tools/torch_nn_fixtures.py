@@ -257,6 +257,54 @@ out["gpt.loss"] = loss.detach()
 for pn, p in gpt.named_parameters():
     out[f"gpt.grad.{pn}"] = p.grad
 
+# ---------------------------------------------------------------- a ViT (the zoo's `vit`)
+class VitBlock(nn.Module):
+    def __init__(self, w, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(w)
+        self.attn = nn.MultiheadAttention(w, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(w)
+        self.mlp = nn.Module()
+        self.mlp.fc, self.mlp.proj = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp.proj(F.gelu(self.mlp.fc(self.ln_2(x))))
+
+
+class Vit(nn.Module):
+    def __init__(self, c, image, patch, w, layers, heads, classes):
+        super().__init__()
+        n = (image // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, w))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(c, w, patch, stride=patch)
+        self.blocks = nn.ModuleList([VitBlock(w, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(w)
+        self.head = nn.Linear(w, classes)
+
+    def forward(self, x):
+        p = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), p], 1) + self.pos_embed
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+vit = Vit(2, 8, 4, 8, 2, 2, 5)
+with torch.no_grad():
+    for k, (pn, p) in enumerate(vit.named_parameters()):
+        p.copy_(formula(tuple(p.shape), 120.0 + k, 0.3))
+images = formula((3, 2, 8, 8), 130.0)
+vlogits = vit(images)
+vloss = F.cross_entropy(vlogits, torch.tensor([0, 3, 4]))
+vloss.backward()
+out["vit.logits"] = vlogits.detach()
+for pn, p in vit.named_parameters():
+    out[f"vit.grad.{pn}"] = p.grad
+
 # ---------------------------------------------------------------- recurrent layers
 rnn_cases = {
     "lstm": (nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), True),

@@ -7,7 +7,9 @@
 pub mod cnn;
 pub mod gpt;
 pub mod mlp;
+pub mod vit;
 
 pub use cnn::cnn;
 pub use gpt::{Gpt, GptConfig};
 pub use mlp::mlp;
+pub use vit::{Vit, VitConfig};
