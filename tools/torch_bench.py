@@ -104,6 +104,56 @@ def gpt():
     return step
 
 
+def vit():
+    nn, F = torch.nn, torch.nn.functional
+
+    class Block(nn.Module):
+        def __init__(self, w, heads):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(w), nn.LayerNorm(w)
+            self.attn = nn.MultiheadAttention(w, heads, batch_first=True)
+            self.fc, self.proj = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
+
+        def forward(self, x):
+            h = self.ln_1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+    class Vit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 128))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 65, 128))
+            self.proj = nn.Conv2d(3, 128, 4, stride=4)
+            self.blocks = nn.ModuleList([Block(128, 4) for _ in range(4)])
+            self.norm, self.head = nn.LayerNorm(128), nn.Linear(128, 10)
+
+        def forward(self, x):
+            p = self.proj(x).flatten(2).transpose(1, 2)
+            h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), p], 1) + self.pos_embed
+            for b in self.blocks:
+                h = b(h)
+            return self.head(self.norm(h[:, 0]))
+
+    return train_step(Vit(), torch.randn(32, 3, 32, 32), 10)
+
+
+def lstm():
+    nn, F = torch.nn, torch.nn.functional
+    emb, rnn, head = nn.Embedding(65, 64), nn.LSTM(64, 256, batch_first=True), nn.Linear(256, 65)
+    ids = torch.tensor([(i * 7 + i // 13) % 65 for i in range(32 * 64)]).reshape(32, 64)
+    targets = ((ids + 1) % 65).reshape(-1)
+    params = list(emb.parameters()) + list(rnn.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+    def step():
+        loss = F.cross_entropy(head(rnn(emb(ids))[0]).reshape(-1, 65), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
 def softmax():
     a = torch.randn(4096, 1024)
     return lambda: torch.softmax(a, -1)
@@ -114,6 +164,8 @@ WORKLOADS = [
     ("mlp", "samples/s", 128, mlp, True),
     ("cnn", "samples/s", 64, cnn, True),
     ("gpt", "tokens/s", 16 * 128, gpt, True),
+    ("vit", "samples/s", 32, vit, True),
+    ("lstm", "tokens/s", 32 * 64, lstm, True),
     ("sgemm-1024", "GFLOP/s", 2 * 1024**3 / 1e9, lambda: sgemm(1024), False),
     ("sgemm-4096", "GFLOP/s", 2 * 4096**3 / 1e9, lambda: sgemm(4096), False),
     ("add-16m", "GB/s", 3 * 4 * EW_N / 1e9, add, False),

@@ -13,7 +13,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 use nerve_core::{manual_seed, Result, Tensor};
-use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer, Sequential};
+use nerve_nn::{
+    loss, Adam, Embedding, Linear, Module, ModuleExt, Optimizer, RnnOptions, Sequential,
+};
 
 #[derive(Parser)]
 #[command(about = "nerve benchmark workloads")]
@@ -114,6 +116,54 @@ fn workloads() -> Vec<Workload> {
                 let mut opt = Adam::adamw(model.parameters(), 3e-4, 0.01);
                 Ok(Box::new(move || {
                     let logits = model.forward(&ids)?.reshape(&[-1, 65])?;
+                    let l = loss::cross_entropy(&logits, &targets, &Default::default())?;
+                    l.backward()?;
+                    opt.step()?;
+                    opt.zero_grad();
+                    Ok(())
+                }))
+            },
+        },
+        // ViT on 3×32×32 (patch 4, width 128, 4 layers, 4 heads), batch 32, AdamW lr 1e-3.
+        Workload {
+            name: "vit",
+            unit: "samples/s",
+            work: 32.0,
+            setup: || {
+                manual_seed(0);
+                let model = nerve_models::Vit::new(nerve_models::VitConfig::default())?;
+                let seq = Sequential::new().add(model);
+                train_step(seq, Tensor::randn([32, 3, 32, 32]), 10, 1e-3, 0.01)
+            },
+        },
+        // Char LM: embedding 64, 1-layer LSTM 256, linear to 65; batch 32 × 64, AdamW lr 1e-3.
+        Workload {
+            name: "lstm",
+            unit: "tokens/s",
+            work: 32.0 * 64.0,
+            setup: || {
+                manual_seed(0);
+                let emb = Embedding::new(65, 64)?;
+                let rnn = nerve_nn::lstm(
+                    64,
+                    256,
+                    RnnOptions {
+                        batch_first: true,
+                        ..Default::default()
+                    },
+                )?;
+                let head = Linear::new(256, 65, true)?;
+                let ids: Vec<i64> = (0..32 * 64).map(|i| (i * 7 + i / 13) % 65).collect();
+                let targets: Vec<i64> = ids.iter().map(|v| (v + 1) % 65).collect();
+                let ids = Tensor::from_vec(ids, [32, 64])?;
+                let targets = Tensor::from_vec(targets, [32 * 64])?;
+                let mut params = emb.parameters();
+                params.extend(rnn.parameters());
+                params.extend(head.parameters());
+                let mut opt = Adam::adamw(params, 1e-3, 0.01);
+                Ok(Box::new(move || {
+                    let h = rnn.forward(&emb.forward(&ids)?)?;
+                    let logits = head.forward(&h)?.reshape(&[-1, 65])?;
                     let l = loss::cross_entropy(&logits, &targets, &Default::default())?;
                     l.backward()?;
                     opt.step()?;
