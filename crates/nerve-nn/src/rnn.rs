@@ -252,7 +252,6 @@ impl Rnn {
         reverse: bool,
         t_len: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let hsz = self.hidden as isize;
         let (b, inp) = (x.dims()[1], x.dims()[2]);
         // All time steps' input projections in one GEMM.
         let mut xp = x.reshape(&[-1, inp as isize])?.matmul(&cell.w_ih.t()?)?;
@@ -265,19 +264,22 @@ impl Rnn {
             xp = xp.add(bh)?;
         }
         let xp = xp.reshape(&[t_len as isize, b as isize, -1])?;
+        if self.kind == RnnKind::Lstm {
+            // The whole time loop is one autodiff node (no per-step slicing of xp, whose
+            // backward would cost a full-size zero tensor per step).
+            let packed = lstm_sequence(&xp, h0, c0, &cell.w_hh, reverse)?;
+            let seq = packed.narrow(0, 0, t_len)?;
+            return Ok((seq, packed.select(0, t_len)?, packed.select(0, t_len + 1)?));
+        }
         let w_hh_t = cell.w_hh.t()?;
-        let (mut h, mut c) = (h0.clone(), c0.clone());
+        let (mut h, c) = (h0.clone(), c0.clone());
         let mut outs = vec![None; t_len];
         for step in 0..t_len {
             let t = if reverse { t_len - 1 - step } else { step };
             let xt = xp.select(0, t)?;
             let hp = h.matmul(&w_hh_t)?;
             match self.kind {
-                RnnKind::Lstm => {
-                    let hc = lstm_cell(&xt.add(&hp)?, &c)?;
-                    h = hc.narrow(1, 0, hsz as usize)?;
-                    c = hc.narrow(1, hsz as usize, hsz as usize)?;
-                }
+                RnnKind::Lstm => unreachable!("LSTM layers run as one fused sequence op"),
                 RnnKind::Gru => {
                     let hp = match &cell.b_hh {
                         Some(bh) => hp.add(bh)?,
@@ -401,6 +403,107 @@ pub fn lstm_cell(a: &Tensor, c: &Tensor) -> Result<Tensor> {
                 }
             }
             Ok(vec![Some(Tensor::from_vec(da, [b, h4])?), Some(Tensor::from_vec(dc, [b, hs])?)])
+        }))
+    })
+}
+
+/// A whole LSTM layer-direction as one autodiff node: pre-activations `xp` `[T, B, 4H]`
+/// (input projection plus both biases), initial `h0`, `c0` `[B, H]`, recurrent weight `w_hh`
+/// `[4H, H]`; returns `[T + 2, B, H]`: the outputs of every step (in time order), then the
+/// final `h`, then the final `c`. The backward pass runs back-propagation through time with
+/// one GEMM per step for `dh` and one GEMM in all for `dW_hh`.
+pub fn lstm_sequence(
+    xp: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+    w_hh: &Tensor,
+    reverse: bool,
+) -> Result<Tensor> {
+    const OP: &str = "lstm_sequence";
+    let (t_len, b, h4) = (xp.dims()[0], xp.dims()[1], xp.dims()[2]);
+    let hs = h4 / 4;
+    if xp.rank() != 3
+        || h4 % 4 != 0
+        || h0.dims() != [b, hs]
+        || c0.dims() != [b, hs]
+        || w_hh.dims() != [h4, hs]
+    {
+        return Err(Error::shape_mismatch(OP, xp.dims(), w_hh.dims()));
+    }
+    float_body!(OP, xp, T => {
+        let xv: Vec<T> = xp.contiguous()?.to_vec()?;
+        let w_t = w_hh.detach().t()?; // [H, 4H]
+        let w = w_hh.detach(); // [4H, H]
+        let mut h: Vec<T> = h0.contiguous()?.to_vec()?;
+        let mut c: Vec<T> = c0.contiguous()?.to_vec()?;
+        let (bh, bh4) = (b * hs, b * h4);
+        let mut packed = vec![0.0 as T; (t_len + 2) * bh];
+        // Saved per step (by time index): gates i, f, g, o, tanh(c) and the previous h and c.
+        let mut acts = vec![0.0 as T; t_len * bh * 5];
+        let mut h_prev = vec![0.0 as T; t_len * bh];
+        let mut c_prev = vec![0.0 as T; t_len * bh];
+        nerve_core::no_grad(|| -> Result<()> {
+            for step in 0..t_len {
+                let t = if reverse { t_len - 1 - step } else { step };
+                h_prev[t * bh..(t + 1) * bh].copy_from_slice(&h);
+                c_prev[t * bh..(t + 1) * bh].copy_from_slice(&c);
+                let hp: Vec<T> = Tensor::from_vec(h.clone(), [b, hs])?.matmul(&w_t)?.to_vec()?;
+                for r in 0..b {
+                    for j in 0..hs {
+                        let a = |k: usize| xv[t * bh4 + r * h4 + k * hs + j] + hp[r * h4 + k * hs + j];
+                        let (i, f, g, o) = (sigmoid(a(0)), sigmoid(a(1)), Float::tanh(a(2)), sigmoid(a(3)));
+                        let cn = f * c[r * hs + j] + i * g;
+                        let tc = Float::tanh(cn);
+                        let hn = o * tc;
+                        c[r * hs + j] = cn;
+                        h[r * hs + j] = hn;
+                        packed[t * bh + r * hs + j] = hn;
+                        let k = (t * bh + r * hs + j) * 5;
+                        acts[k..k + 5].copy_from_slice(&[i, f, g, o, tc]);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        packed[t_len * bh..(t_len + 1) * bh].copy_from_slice(&h);
+        packed[(t_len + 1) * bh..].copy_from_slice(&c);
+        let out = Tensor::from_vec(packed, [t_len + 2, b, hs])?;
+        Ok(out.attach_backward(OP, &[xp, h0, c0, w_hh], move |grad| {
+            nerve_core::no_grad(|| {
+                let gv: Vec<T> = grad.contiguous()?.to_vec()?;
+                let mut dh_next: Vec<T> = gv[t_len * bh..(t_len + 1) * bh].to_vec();
+                let mut dc_next: Vec<T> = gv[(t_len + 1) * bh..].to_vec();
+                let mut da_all = vec![0.0 as T; t_len * bh4];
+                for step in (0..t_len).rev() {
+                    let t = if reverse { t_len - 1 - step } else { step };
+                    let da = &mut da_all[t * bh4..(t + 1) * bh4];
+                    for r in 0..b {
+                        for j in 0..hs {
+                            let e = t * bh + r * hs + j;
+                            let s = &acts[e * 5..e * 5 + 5];
+                            let (i, f, g, o, tc) = (s[0], s[1], s[2], s[3], s[4]);
+                            let dh = gv[e] + dh_next[r * hs + j];
+                            let dct = dc_next[r * hs + j] + dh * o * (1.0 - tc * tc);
+                            let d = &mut da[r * h4..(r + 1) * h4];
+                            d[j] = dct * g * i * (1.0 - i);
+                            d[hs + j] = dct * c_prev[e] * f * (1.0 - f);
+                            d[2 * hs + j] = dct * i * (1.0 - g * g);
+                            d[3 * hs + j] = dh * tc * o * (1.0 - o);
+                            dc_next[r * hs + j] = dct * f;
+                        }
+                    }
+                    dh_next = Tensor::from_vec(da.to_vec(), [b, h4])?.matmul(&w)?.to_vec()?;
+                }
+                let da = Tensor::from_vec(da_all, [t_len * b, h4])?;
+                let hp = Tensor::from_vec(h_prev.clone(), [t_len * b, hs])?;
+                let dw = da.t()?.matmul(&hp)?;
+                Ok(vec![
+                    Some(da.reshape(&[t_len as isize, b as isize, h4 as isize])?),
+                    Some(Tensor::from_vec(dh_next, [b, hs])?),
+                    Some(Tensor::from_vec(dc_next, [b, hs])?),
+                    Some(dw),
+                ])
+            })
         }))
     })
 }
