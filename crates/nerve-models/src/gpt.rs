@@ -2,7 +2,7 @@
 //! pre-LayerNorm blocks, causal self-attention, GELU (tanh) MLP, tied input/output embedding).
 
 use nerve_core::{Error, Result, Tensor};
-use nerve_nn::{BlockOptions, Embedding, LayerNorm, Module, TransformerBlock};
+use nerve_nn::{BlockOptions, Embedding, KvCache, LayerNorm, Module, TransformerBlock};
 
 /// Sizes of a [`Gpt`]. The default is the `gpt` benchmark workload's model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,6 +89,107 @@ impl Gpt {
     pub fn config(&self) -> GptConfig {
         self.config
     }
+
+    /// Logits `[B, T, vocab]` of new tokens `ids` `[B, T]`, attending to the tokens already in
+    /// `caches` (one per block, extended in place): incremental decoding with a key/value
+    /// cache. Errors when the context would overflow.
+    pub fn forward_cached(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        if caches.len() != self.h.len() {
+            return Err(Error::invalid(
+                "Gpt",
+                format!("{} caches for {} blocks", caches.len(), self.h.len()),
+            ));
+        }
+        let past = caches[0].len();
+        let t = ids.dims().get(1).copied().unwrap_or(0);
+        if ids.rank() != 2 || past + t > self.config.context {
+            return Err(Error::bad_shape(
+                "Gpt",
+                ids.dims(),
+                format!(
+                    "{past} cached + new tokens exceed the context ({})",
+                    self.config.context
+                ),
+            ));
+        }
+        let pos = Tensor::arange_i64(past as i64, (past + t) as i64, 1)?;
+        let mut x = self.wte.forward(ids)?.add(&self.wpe.forward(&pos)?)?;
+        for (b, cache) in self.h.iter().zip(caches.iter_mut()) {
+            x = b.forward_cached(&x, cache)?;
+        }
+        self.ln_f.forward(&x)?.matmul(&self.wte.weight.t()?)
+    }
+
+    /// Continue `prompt` (token ids) by `n` tokens with the cache: greedy when `temperature`
+    /// is 0, else sampling from the `top_k` most likely tokens (all when 0) at that temperature,
+    /// from nerve's seeded global generator.
+    pub fn generate(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        temperature: f64,
+        top_k: usize,
+    ) -> Result<Vec<i64>> {
+        if prompt.is_empty() {
+            return Err(Error::invalid("generate", "the prompt is empty"));
+        }
+        if let Some(&bad) = prompt
+            .iter()
+            .find(|&&t| t < 0 || t as usize >= self.config.vocab_size)
+        {
+            return Err(Error::invalid(
+                "generate",
+                format!(
+                    "token {bad} outside the vocabulary of {}",
+                    self.config.vocab_size
+                ),
+            ));
+        }
+        nerve_core::no_grad(|| {
+            let mut caches = vec![KvCache::default(); self.h.len()];
+            let mut out = prompt.to_vec();
+            let mut next_in = Tensor::from_vec(prompt.to_vec(), [1, prompt.len()])?;
+            for _ in 0..n {
+                let logits = self.forward_cached(&next_in, &mut caches)?;
+                let last = logits
+                    .select(1, logits.dims()[1] - 1)?
+                    .reshape(&[-1])?
+                    .to_f64_vec();
+                let tok = pick(&last, temperature, top_k);
+                out.push(tok);
+                next_in = Tensor::from_vec(vec![tok], [1, 1])?;
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Greedy or top-k temperature sampling from one row of logits.
+fn pick(logits: &[f64], temperature: f64, top_k: usize) -> i64 {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if temperature <= 0.0 {
+        return idx[0] as i64;
+    }
+    let k = if top_k == 0 {
+        idx.len()
+    } else {
+        top_k.min(idx.len())
+    };
+    let m = logits[idx[0]];
+    let w: Vec<f64> = idx[..k]
+        .iter()
+        .map(|&i| ((logits[i] - m) / temperature).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let mut u = nerve_core::random::with_global(|g| g.next_f64()) * total;
+    for (j, wj) in w.iter().enumerate() {
+        u -= wj;
+        if u <= 0.0 {
+            return idx[j] as i64;
+        }
+    }
+    idx[k - 1] as i64
 }
 
 impl Module for Gpt {

@@ -76,3 +76,60 @@ fn gpt_matches_pytorch() -> Result<()> {
     );
     Ok(())
 }
+
+/// Decoding with the key/value cache gives the logits of a full forward pass, token by token.
+#[test]
+fn cached_decoding_matches_full_forward() -> Result<()> {
+    nerve_core::manual_seed(3);
+    let model = Gpt::new(GptConfig {
+        vocab_size: 13,
+        context: 12,
+        layers: 2,
+        heads: 2,
+        width: 8,
+        dropout: 0.0,
+    })?;
+    let ids: Vec<i64> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+    let full = model
+        .forward(&Tensor::from_vec(ids.clone(), [1, 8])?)?
+        .to_f64_vec();
+    let mut caches = vec![nerve_nn::KvCache::default(); 2];
+    // A 3-token prompt, then one token at a time.
+    let mut got = model
+        .forward_cached(&Tensor::from_vec(ids[..3].to_vec(), [1, 3])?, &mut caches)?
+        .to_f64_vec();
+    for &t in &ids[3..] {
+        got.extend(
+            model
+                .forward_cached(&Tensor::from_vec(vec![t], [1, 1])?, &mut caches)?
+                .to_f64_vec(),
+        );
+    }
+    assert_eq!(got.len(), full.len());
+    for (i, (a, b)) in got.iter().zip(&full).enumerate() {
+        assert!((a - b).abs() < 1e-5, "[{i}] {a} vs {b}");
+    }
+    // Greedy generation is deterministic and follows the argmax; bad prompts are refused.
+    let g1 = model.generate(&ids[..3], 5, 0.0, 0)?;
+    let g2 = model.generate(&ids[..3], 5, 0.0, 0)?;
+    assert_eq!(g1, g2);
+    assert_eq!(g1.len(), 8);
+    let first = model.forward(&Tensor::from_vec(ids[..3].to_vec(), [1, 3])?)?;
+    let row = first.select(1, 2)?.reshape(&[-1])?.to_f64_vec();
+    let argmax = (0..13).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as i64;
+    assert_eq!(g1[3], argmax);
+    let sampled = model.generate(&ids[..3], 4, 0.8, 5)?;
+    assert!(sampled[3..].iter().all(|&t| (0..13).contains(&t)));
+    assert!(model.generate(&[], 3, 0.0, 0).is_err());
+    assert!(model
+        .generate(&[13], 3, 0.0, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("vocabulary"));
+    assert!(model
+        .generate(&ids[..3], 20, 0.0, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("context"));
+    Ok(())
+}

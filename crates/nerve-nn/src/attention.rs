@@ -238,6 +238,78 @@ impl MultiheadAttention {
     }
 }
 
+/// Keys and values of the tokens seen so far, per layer, for incremental decoding:
+/// `[batch, heads, seen, head_dim]` each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    /// Cached keys.
+    pub k: Option<Tensor>,
+    /// Cached values.
+    pub v: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl MultiheadAttention {
+    /// Causal self-attention of new tokens `x` `[batch, new, E]` (batch first) over the cached
+    /// tokens and themselves; appends their keys and values to `cache`. Without gradients in
+    /// mind (decoding), but differentiable all the same.
+    pub fn attend_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        const OP: &str = "MultiheadAttention";
+        let e = self.in_proj_weight.dims()[1];
+        if x.rank() != 3 || x.dims()[2] != e || !self.batch_first {
+            return Err(Error::bad_shape(
+                OP,
+                x.dims(),
+                format!("cached attention needs batch-first [B, T, {e}]"),
+            ));
+        }
+        let (b, t) = (x.dims()[0], x.dims()[1]);
+        let (h, hd) = (self.num_heads as isize, (e / self.num_heads) as isize);
+        let project = |i: usize| -> Result<Tensor> {
+            let mut y = x.matmul(&self.in_proj_weight.narrow(0, i * e, e)?.t()?)?;
+            if let Some(bias) = &self.in_proj_bias {
+                y = y.add(&bias.narrow(0, i * e, e)?)?;
+            }
+            y.reshape(&[b as isize, -1, h, hd])?.transpose(1, 2)
+        };
+        let (q, k_new, v_new) = (project(0)?, project(1)?, project(2)?);
+        let past = cache.len();
+        let k = match &cache.k {
+            Some(k) => Tensor::cat(&[k, &k_new], 2)?,
+            None => k_new,
+        };
+        let v = match &cache.v {
+            Some(v) => Tensor::cat(&[v, &v_new], 2)?,
+            None => v_new,
+        };
+        // New query i sits at position past + i and sees keys 0..=past + i.
+        let s = past + t;
+        let i = Tensor::arange_i64(past as i64, s as i64, 1)?.reshape(&[t as isize, 1])?;
+        let j = Tensor::arange_i64(0, s as i64, 1)?.reshape(&[1, s as isize])?;
+        let opts = SdpaOptions {
+            mask: Some(j.le(&i)?),
+            ..Default::default()
+        };
+        let o = scaled_dot_product_attention(&q, &k, &v, &opts)?;
+        cache.k = Some(k);
+        cache.v = Some(v);
+        let o = o
+            .transpose(1, 2)?
+            .reshape(&[b as isize, t as isize, e as isize])?;
+        crate::module::Module::forward(&self.out_proj, &o)
+    }
+}
+
 impl crate::module::Module for MultiheadAttention {
     /// Self-attention of `x`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -38,7 +38,9 @@ pub mod optim;
 pub mod rnn;
 pub mod transformer;
 
-pub use attention::{scaled_dot_product_attention, MhaMasks, MultiheadAttention, SdpaOptions};
+pub use attention::{
+    scaled_dot_product_attention, KvCache, MhaMasks, MultiheadAttention, SdpaOptions,
+};
 pub use checkpoint::{load_model, load_optimizer, save_model, save_optimizer, CheckpointError};
 pub use init::Init;
 pub use layers::{

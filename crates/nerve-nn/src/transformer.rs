@@ -111,6 +111,25 @@ impl TransformerBlock {
     }
 }
 
+impl TransformerBlock {
+    /// The block over new tokens `x` `[B, T, W]` with causal attention over `cache` (which
+    /// then holds these tokens too): incremental decoding. Pre-LayerNorm blocks only.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cache: &mut crate::attention::KvCache,
+    ) -> Result<Tensor> {
+        if !self.opts.pre_norm || !self.opts.causal {
+            return Err(Error::invalid(
+                "TransformerBlock",
+                "cached decoding needs a causal pre-LayerNorm block",
+            ));
+        }
+        let x = x.add(&self.attn.attend_cached(&self.ln_1.forward(x)?, cache)?)?;
+        x.add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)
+    }
+}
+
 impl Module for TransformerBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.opts.pre_norm {
