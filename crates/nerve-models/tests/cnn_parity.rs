@@ -1,25 +1,15 @@
 //! The zoo's `cnn` against PyTorch: from identical initial weights and batches (closed-form, as
 //! in `tools/torch_nn_fixtures.py`), 20 AdamW steps give the same losses within 1e-4.
 
+mod common;
+
+use common::{fixtures, formula};
 use nerve_core::{Result, Tensor};
 use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer};
 
-/// `x[i] = scale · sin(0.37 i + seed)` as f32, shaped `dims` (mirrors the Python script).
-fn formula(dims: &[usize], seed: f64, scale: f64) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| (scale * (0.37 * i as f64 + seed).sin()) as f32)
-        .collect();
-    Tensor::from_vec(v, dims).unwrap()
-}
-
 #[test]
 fn cnn_twenty_adamw_steps_match_pytorch() -> Result<()> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../nerve-nn/tests/fixtures/nn.safetensors"
-    );
-    let (fx, _) = nerve_nn::checkpoint::load_safetensors(path).expect("fixture");
+    let fx = fixtures();
     let model = nerve_models::cnn(&[1, 28, 28], 10)?;
     for (k, (_, p)) in model.named_parameters().iter().enumerate() {
         let d = p.dims();

@@ -1,25 +1,16 @@
 //! The zoo's `gpt` against a PyTorch twin (tools/torch_nn_fixtures.py): logits, loss and the
 //! gradient of every parameter, from identical closed-form weights.
 
+mod common;
+
+use common::{close, fixtures, formula};
 use nerve_core::{Result, Tensor};
 use nerve_models::{Gpt, GptConfig};
 use nerve_nn::{loss, Module, ModuleExt};
 
-fn formula(dims: &[usize], seed: f64, scale: f64) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| (scale * (0.37 * i as f64 + seed).sin()) as f32)
-        .collect();
-    Tensor::from_vec(v, dims).unwrap()
-}
-
 #[test]
 fn gpt_matches_pytorch() -> Result<()> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../nerve-nn/tests/fixtures/nn.safetensors"
-    );
-    let (fx, _) = nerve_nn::checkpoint::load_safetensors(path).expect("fixture");
+    let fx = fixtures();
     let model = Gpt::new(GptConfig {
         vocab_size: 11,
         context: 8,
@@ -37,15 +28,6 @@ fn gpt_matches_pytorch() -> Result<()> {
     let targets: Vec<i64> = ids.iter().map(|v| (v + 1) % 11).collect();
     let ids = Tensor::from_vec(ids, [3, 7])?;
     let logits = model.forward(&ids)?;
-    let close = |what: &str, a: &Tensor, b: &Tensor, tol: f64| {
-        assert_eq!(a.dims(), b.dims(), "{what}");
-        for (i, (x, y)) in a.to_f64_vec().iter().zip(b.to_f64_vec()).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + y.abs()),
-                "{what} [{i}]: {x} vs {y}"
-            );
-        }
-    };
     close("logits", &logits, &fx["gpt.logits"], 1e-5);
     let l = loss::cross_entropy(
         &logits.reshape(&[-1, 11])?,
