@@ -16,12 +16,10 @@
 
 pub mod micro;
 
-use std::cell::RefCell;
-
 use rayon::prelude::*;
 
 use self::micro::MicroKernel;
-use super::{simd_level, SendPtr, SimdLevel};
+use super::{simd_level, with_scratch, SendPtr, SimdLevel};
 use crate::dtype::Float;
 use crate::threading::{install, num_threads};
 
@@ -201,26 +199,6 @@ pub unsafe fn dgemm(
     }
 }
 
-/// 64-byte-aligned scratch memory for packed panels.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-thread_local! {
-    /// Packing buffers of the calling thread, taken out while in use (a nested GEMM run by
-    /// work stealing finds them gone and allocates its own).
-    static SCRATCH: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// A buffer of at least `len` elements of `T`, 64-byte aligned.
-fn buffer_for<T>(buf: &mut Vec<Line>, len: usize) -> *mut T {
-    let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
-    if buf.len() < lines {
-        *buf = vec![Line([0; 64]); lines];
-    }
-    buf.as_mut_ptr().cast()
-}
-
 /// `C = alpha · A·B + beta · C` for any [`GemmFloat`]; see [`sgemm`].
 ///
 /// # Safety
@@ -295,17 +273,54 @@ pub unsafe fn gemm<T: GemmFloat>(
             )
         });
     }
-    let (mut abuf, mut bbuf) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    let a_pack = SendPtr(buffer_for::<T>(
-        &mut abuf,
-        mc_max.min(m.next_multiple_of(mr)) * kc_max,
-    ));
-    let b_pack = SendPtr(buffer_for::<T>(
-        &mut bbuf,
-        nc_max.min(n.next_multiple_of(nr)) * kc_max,
-    ));
-    let (a, b, c) = (SendPtr(a as *mut T), SendPtr(b as *mut T), SendPtr(c));
+    // Packing buffers from the thread's scratch pool (kept across calls; a nested GEMM run
+    // by work stealing gets buffers of its own).
+    let a_len = mc_max.min(m.next_multiple_of(mr)) * kc_max;
+    let b_len = nc_max.min(n.next_multiple_of(nr)) * kc_max;
+    with_scratch::<T, _>(a_len, |abuf| {
+        with_scratch::<T, _>(b_len, |bbuf| {
+            let (a_pack, b_pack) = (SendPtr(abuf.as_mut_ptr()), SendPtr(bbuf.as_mut_ptr()));
+            let (a, b, c) = (SendPtr(a as *mut T), SendPtr(b as *mut T), SendPtr(c));
+            // SAFETY: forwarded contract; the packed buffers hold a_len and b_len elements.
+            unsafe {
+                blocked(
+                    &kern,
+                    (m, n, k),
+                    alpha,
+                    (a, rsa, csa),
+                    (b, rsb, csb),
+                    beta,
+                    (c, rsc, csc),
+                    threads,
+                    (a_pack, b_pack),
+                )
+            }
+        })
+    });
+}
 
+/// The blocked loops of [`gemm`] over packed buffers `a_pack` (`MC × KC`) and `b_pack`
+/// (`KC × NC`).
+///
+/// # Safety
+/// As [`gemm`]; the packed buffers must hold those sizes.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+unsafe fn blocked<T: GemmFloat>(
+    kern: &MicroKernel<T>,
+    (m, n, k): (usize, usize, usize),
+    alpha: T,
+    (a, rsa, csa): (SendPtr<T>, isize, isize),
+    (b, rsb, csb): (SendPtr<T>, isize, isize),
+    beta: T,
+    (c, rsc, csc): (SendPtr<T>, isize, isize),
+    threads: usize,
+    (a_pack, b_pack): (SendPtr<T>, SendPtr<T>),
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    let size = std::mem::size_of::<T>();
+    let kc_max = KC_BYTES / size;
+    let nc_max = NC_ELEMS_F32 * 4 / size;
+    let mc_max = MC_ELEMS_F32 * 4 / size;
     for ic in (0..m).step_by(mc_max) {
         let mc = mc_max.min(m - ic);
         let a_panels = mc.div_ceil(mr);
@@ -361,7 +376,7 @@ pub unsafe fn gemm<T: GemmFloat>(
                     // rows and columns are inside C.
                     unsafe {
                         tile_update(
-                            &kern,
+                            kern,
                             kc,
                             a_pack.get().add(p * mr * kc),
                             b_pack.get().add(q * nr * kc),
@@ -406,7 +421,6 @@ pub unsafe fn gemm<T: GemmFloat>(
             }
         }
     }
-    SCRATCH.with(|s| *s.borrow_mut() = (abuf, bbuf));
 }
 
 /// Run `f(i)` for `i in 0..n`, spread over `threads` threads when more than one.
