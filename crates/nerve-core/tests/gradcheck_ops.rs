@@ -280,3 +280,148 @@ fn composite_mlp_step() {
         &[rnd(&[4, 3]), rnd(&[3, 3]), rnd(&[3])],
     );
 }
+
+// ------------------------------------------------------------------------ normalisation ops
+// Inputs, weights and biases all differentiated; odd sizes, one and several positions per
+// channel, and non-contiguous (transposed) inputs and weights.
+
+#[test]
+fn layer_norm_affine_and_plain() {
+    check(
+        |v| v[0].layer_norm(&[7], Some(&v[1]), Some(&v[2]), 1e-5),
+        &[rnd(&[3, 5, 7]), rnd(&[7]), rnd(&[7])],
+    );
+    // Over two trailing dims.
+    check(
+        |v| v[0].layer_norm(&[2, 5], Some(&v[1]), Some(&v[2]), 1e-5),
+        &[rnd(&[3, 2, 5]), rnd(&[2, 5]), rnd(&[2, 5])],
+    );
+    check(|v| v[0].layer_norm(&[5], None, None, 1e-5), &[rnd(&[4, 5])]);
+    check(
+        |v| v[0].layer_norm(&[5], Some(&v[1]), None, 1e-5),
+        &[rnd(&[2, 5]), rnd(&[5])],
+    );
+    // A 17-wide row exercises the 16-lane main loop and its tail.
+    check(
+        |v| v[0].layer_norm(&[17], Some(&v[1]), Some(&v[2]), 1e-5),
+        &[rnd(&[2, 17]), rnd(&[17]), rnd(&[17])],
+    );
+}
+
+#[test]
+fn layer_norm_non_contiguous_input_and_weight() {
+    check(
+        |v| {
+            v[0].transpose(0, 1)?
+                .layer_norm(&[3, 2], Some(&v[1].t()?), Some(&v[2]), 1e-5)
+        },
+        &[rnd(&[3, 4, 2]), rnd(&[2, 3]), rnd(&[3, 2])],
+    );
+}
+
+#[test]
+fn rms_norm_with_and_without_weight() {
+    check(
+        |v| v[0].rms_norm(&[7], Some(&v[1]), 1e-6),
+        &[rnd(&[3, 5, 7]), rnd(&[7])],
+    );
+    check(|v| v[0].rms_norm(&[3, 4], None, 1e-6), &[rnd(&[2, 3, 4])]);
+    check(
+        |v| v[0].t()?.rms_norm(&[3], Some(&v[1]), 1e-6),
+        &[rnd(&[3, 5]), rnd(&[3])],
+    );
+}
+
+#[test]
+fn group_norm_spatial_and_flat() {
+    check(
+        |v| v[0].group_norm(3, Some(&v[1]), Some(&v[2]), 1e-5),
+        &[rnd(&[2, 6, 3, 5]), rnd(&[6]), rnd(&[6])],
+    );
+    // One group (LayerNorm over C, *) and one channel per group (InstanceNorm).
+    check(
+        |v| v[0].group_norm(1, Some(&v[1]), Some(&v[2]), 1e-5),
+        &[rnd(&[3, 4, 5]), rnd(&[4]), rnd(&[4])],
+    );
+    check(
+        |v| v[0].group_norm(4, Some(&v[1]), None, 1e-5),
+        &[rnd(&[2, 4, 7]), rnd(&[4])],
+    );
+    // [N, C]: one position per channel.
+    check(
+        |v| v[0].group_norm(2, Some(&v[1]), Some(&v[2]), 1e-5),
+        &[rnd(&[3, 6]), rnd(&[6]), rnd(&[6])],
+    );
+    check(|v| v[0].group_norm(2, None, None, 1e-5), &[rnd(&[2, 4, 3])]);
+}
+
+#[test]
+fn group_norm_non_contiguous_input() {
+    check(
+        |v| {
+            v[0].transpose(1, 2)?
+                .group_norm(2, Some(&v[1]), Some(&v[2]), 1e-5)
+        },
+        &[rnd(&[2, 5, 4, 3]), rnd(&[4]), rnd(&[4])],
+    );
+}
+
+#[test]
+fn batch_norm_training() {
+    for dims in [&[4usize, 3, 5][..], &[6, 4], &[2, 3, 2, 3]] {
+        let c = dims[1];
+        check(
+            |v| {
+                // Running statistics are updated in place on every call; the output does
+                // not depend on them in training.
+                let (rm, rv) = (Tensor::zeros([c]), Tensor::ones([c]));
+                v[0].batch_norm(
+                    Some(&rm),
+                    Some(&rv),
+                    Some(&v[1]),
+                    Some(&v[2]),
+                    true,
+                    0.1,
+                    1e-5,
+                )
+            },
+            &[rnd(dims), rnd(&[c]), rnd(&[c])],
+        );
+    }
+    check(
+        |v| v[0].batch_norm(None, None, None, None, true, 0.1, 1e-5),
+        &[rnd(&[5, 2, 3])],
+    );
+    // Non-contiguous input.
+    check(
+        |v| {
+            v[0].transpose(0, 1)?
+                .batch_norm(None, None, Some(&v[1]), Some(&v[2]), true, 0.1, 1e-5)
+        },
+        &[rnd(&[3, 4, 2]), rnd(&[3]), rnd(&[3])],
+    );
+}
+
+#[test]
+fn batch_norm_evaluation() {
+    let rm = rnd(&[3]);
+    let rv = pos(&[3]);
+    check(
+        |v| {
+            v[0].batch_norm(
+                Some(&rm),
+                Some(&rv),
+                Some(&v[1]),
+                Some(&v[2]),
+                false,
+                0.1,
+                1e-5,
+            )
+        },
+        &[rnd(&[4, 3, 5]), rnd(&[3]), rnd(&[3])],
+    );
+    check(
+        |v| v[0].batch_norm(Some(&rm), Some(&rv), None, None, false, 0.1, 1e-5),
+        &[rnd(&[4, 3])],
+    );
+}

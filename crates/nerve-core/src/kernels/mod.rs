@@ -6,6 +6,7 @@
 
 pub mod elementwise;
 pub mod gemm;
+pub mod norm;
 pub mod reduce;
 pub mod strided;
 pub mod vmath;

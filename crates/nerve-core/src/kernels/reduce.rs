@@ -64,6 +64,70 @@ pub fn dot<T: Float>(x: &[T], y: &[T]) -> T {
     fold_lanes(acc) + s
 }
 
+/// Sum of deviations from `m`, `Σ (x - m)`: a sum shifted near zero, for an accurate mean.
+#[inline(always)]
+pub fn dev_sum<T: Float>(x: &[T], m: T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i] - m;
+        }
+    }
+    let mut s = T::ZERO;
+    for &r in rest {
+        s += r - m;
+    }
+    fold_lanes(acc) + s
+}
+
+/// Sum of squared deviations from `m`, `Σ (x - m)²` (the second pass of a two-pass variance:
+/// no cancellation, unlike `Σx² - n m²`).
+#[inline(always)]
+pub fn sq_dev_sum<T: Float>(x: &[T], m: T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let d = c[i] - m;
+            acc[i] += d * d;
+        }
+    }
+    let mut s = T::ZERO;
+    for &r in rest {
+        let d = r - m;
+        s += d * d;
+    }
+    fold_lanes(acc) + s
+}
+
+/// `(Σ g, Σ g (x - m))` in one pass over two slices of the same length: the per-channel sums
+/// of a normalisation's backward pass.
+#[inline(always)]
+pub fn sum_dot_centered<T: Float>(g: &[T], x: &[T], m: T) -> (T, T) {
+    let n = g.len().min(x.len());
+    let (g, x) = (&g[..n], &x[..n]);
+    let main = n - n % LANES;
+    let (mut sg, mut sgx) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+    for (cg, cx) in g[..main]
+        .chunks_exact(LANES)
+        .zip(x[..main].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            sg[i] += cg[i];
+            sgx[i] += cg[i] * (cx[i] - m);
+        }
+    }
+    let (mut tg, mut tgx) = (T::ZERO, T::ZERO);
+    for i in main..n {
+        tg += g[i];
+        tgx += g[i] * (x[i] - m);
+    }
+    (fold_lanes(sg) + tg, fold_lanes(sgx) + tgx)
+}
+
 /// Largest element (NaN propagates; -inf for an empty slice).
 #[inline(always)]
 pub fn max<T: Float>(x: &[T]) -> T {
@@ -156,6 +220,47 @@ pub fn rows_into<T: Sync, U: Send>(
                 }
             },
         )
+    }
+}
+
+/// Combine the matching contiguous rows of `a` and `b` into the row of `out` (which `f` must
+/// write in full), in parallel when large: the row-wise backward passes (softmax).
+#[inline(always)]
+pub fn rows2_into<T: Sync, U: Send>(
+    a: &[T],
+    b: &[T],
+    out: &mut [MaybeUninit<U>],
+    row_len: usize,
+    f: impl Fn(&[T], &[T], &mut [MaybeUninit<U>]) + Sync,
+) {
+    if row_len == 0 {
+        return;
+    }
+    let n = out.len();
+    let run = |a: &[T], b: &[T], o: &mut [MaybeUninit<U>]| {
+        with_simd(
+            #[inline(always)]
+            || {
+                for ((orow, arow), brow) in o
+                    .chunks_mut(row_len)
+                    .zip(a.chunks(row_len))
+                    .zip(b.chunks(row_len))
+                {
+                    f(arow, brow, orow)
+                }
+            },
+        )
+    };
+    if n >= par_elemwise_min() && n > row_len && num_threads() > 1 {
+        let step = (par_elemwise_min() / row_len).max(1) * row_len;
+        install(|| {
+            out.par_chunks_mut(step)
+                .zip(a.par_chunks(step))
+                .zip(b.par_chunks(step))
+                .for_each(|((o, a), b)| run(a, b, o))
+        });
+    } else {
+        run(a, b, out);
     }
 }
 

@@ -119,6 +119,21 @@ impl Tensor {
         Ok(Tensor::from_buf(v, &shape))
     }
 
+    /// Element-wise `f(self, b)` over two same-dtype tensors broadcast together, no autodiff:
+    /// the one-pass backward of unary ops.
+    pub(crate) fn zip_map<T: Float>(
+        &self,
+        b: &Tensor,
+        op: &'static str,
+        cost: Cost,
+        f: impl Fn(T, T) -> T + Sync + Copy,
+    ) -> Result<Tensor> {
+        self.check_same_dtype(b, op)?;
+        let (shape, la, lb) = self.broadcast_pair(b, op)?;
+        let v = self.read2::<T, T, _>(b, |a, _, b, _| binary(a, &la, b, &lb, cost, f));
+        Ok(Tensor::from_buf(v, &shape))
+    }
+
     /// `self + rhs` with broadcasting.
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
         let out = self.map2(rhs, AddFn)?;

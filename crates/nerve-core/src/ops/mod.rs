@@ -5,6 +5,7 @@ pub mod binary;
 pub mod conv;
 pub mod index;
 pub mod matmul;
+pub mod norm;
 pub mod random;
 pub mod reduce;
 pub mod shape;

@@ -382,6 +382,9 @@ impl Tensor {
         let y = out.detach();
         Ok(out.with_grad(op, &[self], move |g| {
             let dim = d as isize;
+            if d == last && g.dtype() == y.dtype() {
+                return Ok(vec![Some(softmax_backward_rows(g, &y, log)?)]);
+            }
             let gi = if log {
                 // g - softmax * sum(g)
                 g.sub(&y.exp()?.mul(&g.sum_dim(&[dim], true)?)?)?
@@ -433,4 +436,36 @@ impl Tensor {
             Ok(vec![Some(g.flip(&[dim])?.cumsum(dim)?.flip(&[dim])?)])
         }))
     }
+}
+
+/// The gradient of softmax (`y (g - Σ g y)`) or log-softmax (`g - e^y Σ g`) over the last
+/// dim, from the output `y`: one pass over each row pair, no temporaries.
+fn softmax_backward_rows(g: &Tensor, y: &Tensor, log: bool) -> Result<Tensor> {
+    let row_len = *y.dims().last().expect("rank > 0");
+    let g = g.contiguous()?;
+    let y = y.contiguous()?;
+    float_dispatch!("softmax_backward", y.dtype(), T => {
+        let mut v = uninit_buf::<T>(y.numel());
+        g.read2::<T, T, _>(&y, |gs, gl, ys, yl| {
+            let gs = &gs[gl.contiguous_range().expect("contiguous")];
+            let ys = &ys[yl.contiguous_range().expect("contiguous")];
+            if log {
+                k::rows2_into(gs, ys, &mut v, row_len, #[inline(always)] |g: &[T], y: &[T], o: &mut [MaybeUninit<T>]| {
+                    let s = k::sum(g);
+                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                        o.write(g - y.exp() * s);
+                    }
+                });
+            } else {
+                k::rows2_into(gs, ys, &mut v, row_len, #[inline(always)] |g: &[T], y: &[T], o: &mut [MaybeUninit<T>]| {
+                    let s = k::dot(g, y);
+                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                        o.write(y * (g - s));
+                    }
+                });
+            }
+        });
+        // SAFETY: every row was written in full.
+        Ok(Tensor::from_buf(unsafe { assume_init(v) }, y.dims()))
+    })
 }

@@ -1,27 +1,44 @@
 //! Unary element-wise ops and activations, each with its derivative in one place.
 
 use super::float_dispatch;
-use crate::dtype::Float;
+use crate::dtype::{Element, Float};
 use crate::kernels::elementwise::{unary, Cost};
 use crate::{Error, Result, Tensor};
+
+/// What the derivative of a unary function reads, and so what its backward pass keeps alive
+/// and streams through: the gradient alone, or with the input, the output, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reads {
+    /// Neither (`df` is a constant).
+    Nothing,
+    /// The input only (`df` ignores `y`).
+    Input,
+    /// The output only (`df` ignores `x`).
+    Output,
+    /// Both.
+    Both,
+}
 
 /// A unary float function and its derivative, generic over the compute type.
 pub(crate) trait UnaryFn: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     const COST: Cost = Cost::Cheap;
+    /// Which of `x`, `y` `df` reads; the other is passed as 0.
+    const READS: Reads;
     fn f<T: Float>(self, x: T) -> T;
     /// dy/dx given the input `x` and the output `y`.
     fn df<T: Float>(self, x: T, y: T) -> T;
 }
 
 macro_rules! unary_fn {
-    ($name:ident { $($field:ident),* }, $s:expr, $cost:expr,
+    ($name:ident { $($field:ident),* }, $s:expr, $cost:expr, $reads:ident,
      |$self_:ident, $x:ident| $f:expr, |$sx:ident, $dx:ident, $dy:ident| $df:expr) => {
         #[derive(Clone, Copy)]
         pub(crate) struct $name { $(pub(crate) $field: f64),* }
         impl UnaryFn for $name {
             const NAME: &'static str = $s;
             const COST: Cost = $cost;
+            const READS: Reads = Reads::$reads;
             #[inline(always)]
             #[allow(unused_variables)]
             fn f<T: Float>($self_, $x: T) -> T { $f }
@@ -41,13 +58,19 @@ fn sigmoid<T: Float>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
 }
 
-unary_fn!(Neg {}, "neg", Cost::Cheap, |self, x| -x, |self, x, y| {
-    -T::ONE
-});
+unary_fn!(
+    Neg {},
+    "neg",
+    Cost::Cheap,
+    Nothing,
+    |self, x| -x,
+    |self, x, y| -T::ONE
+);
 unary_fn!(
     Abs {},
     "abs",
     Cost::Cheap,
+    Input,
     |self, x| x.abs(),
     |self, x, y| {
         if x > T::ZERO {
@@ -63,6 +86,7 @@ unary_fn!(
     Exp {},
     "exp",
     Cost::Transcendental,
+    Output,
     |self, x| x.exp(),
     |self, x, y| y
 );
@@ -70,6 +94,7 @@ unary_fn!(
     Log {},
     "log",
     Cost::Transcendental,
+    Input,
     |self, x| x.ln(),
     |self, x, y| T::ONE / x
 );
@@ -77,6 +102,7 @@ unary_fn!(
     Sqrt {},
     "sqrt",
     Cost::Cheap,
+    Output,
     |self, x| x.sqrt(),
     |self, x, y| T::from_f64(0.5) / y
 );
@@ -84,6 +110,7 @@ unary_fn!(
     Rsqrt {},
     "rsqrt",
     Cost::Cheap,
+    Output,
     |self, x| T::ONE / x.sqrt(),
     |self, x, y| T::from_f64(-0.5) * y * y * y
 );
@@ -91,6 +118,7 @@ unary_fn!(
     Recip {},
     "reciprocal",
     Cost::Cheap,
+    Output,
     |self, x| T::ONE / x,
     |self, x, y| -y * y
 );
@@ -98,6 +126,7 @@ unary_fn!(
     Sin {},
     "sin",
     Cost::Transcendental,
+    Input,
     |self, x| x.sin(),
     |self, x, y| x.cos()
 );
@@ -105,6 +134,7 @@ unary_fn!(
     Cos {},
     "cos",
     Cost::Transcendental,
+    Input,
     |self, x| x.cos(),
     |self, x, y| -x.sin()
 );
@@ -112,6 +142,7 @@ unary_fn!(
     Tanh {},
     "tanh",
     Cost::Transcendental,
+    Output,
     |self, x| x.tanh(),
     |self, x, y| T::ONE - y * y
 );
@@ -119,6 +150,7 @@ unary_fn!(
     Sigmoid {},
     "sigmoid",
     Cost::Transcendental,
+    Output,
     |self, x| sigmoid(x),
     |self, x, y| y * (T::ONE - y)
 );
@@ -126,6 +158,7 @@ unary_fn!(
     Relu {},
     "relu",
     Cost::Cheap,
+    Input,
     |self, x| if x > T::ZERO { x } else { T::ZERO },
     |self, x, y| if x > T::ZERO { T::ONE } else { T::ZERO }
 );
@@ -133,6 +166,7 @@ unary_fn!(
     LeakyRelu { slope },
     "leaky_relu",
     Cost::Cheap,
+    Input,
     |self, x| if x > T::ZERO {
         x
     } else {
@@ -148,6 +182,7 @@ unary_fn!(
     Elu { alpha },
     "elu",
     Cost::Transcendental,
+    Both,
     |self, x| if x > T::ZERO {
         x
     } else {
@@ -163,6 +198,7 @@ unary_fn!(
     GeluErf {},
     "gelu",
     Cost::Transcendental,
+    Input,
     |self, x| T::from_f64(0.5) * x * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf()),
     |self, x, y| {
         let cdf = T::from_f64(0.5) * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf());
@@ -173,6 +209,7 @@ unary_fn!(
     GeluTanh {},
     "gelu_tanh",
     Cost::Transcendental,
+    Input,
     |self, x| {
         let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(0.044715) * x * x * x);
         T::from_f64(0.5) * x * (T::ONE + u.tanh())
@@ -188,6 +225,7 @@ unary_fn!(
     Silu {},
     "silu",
     Cost::Transcendental,
+    Input,
     |self, x| x * sigmoid(x),
     |self, x, y| {
         let s = sigmoid(x);
@@ -198,6 +236,7 @@ unary_fn!(
     Softplus { beta, threshold },
     "softplus",
     Cost::Transcendental,
+    Input,
     |self, x| {
         let b = T::from_f64(self.beta);
         if x * b > T::from_f64(self.threshold) {
@@ -219,6 +258,7 @@ unary_fn!(
     Affine { mul, add },
     "affine",
     Cost::Cheap,
+    Nothing,
     |self, x| x * T::from_f64(self.mul) + T::from_f64(self.add),
     |self, x, y| T::from_f64(self.mul)
 );
@@ -226,6 +266,7 @@ unary_fn!(
     Powf { e },
     "pow",
     Cost::Transcendental,
+    Input,
     |self, x| {
         let e = T::from_f64(self.e);
         if self.e == 2.0 {
@@ -251,6 +292,7 @@ unary_fn!(
     Clamp { lo, hi },
     "clamp",
     Cost::Cheap,
+    Input,
     |self, x| {
         let (lo, hi) = (T::from_f64(self.lo), T::from_f64(self.hi));
         if x.is_nan() {
@@ -282,17 +324,35 @@ impl Tensor {
         })
     }
 
-    /// Apply a unary function with its derivative recorded.
+    /// Apply a unary function with its derivative recorded. The backward pass is one
+    /// element-wise pass over the gradient and only what `df` reads (`F::READS`), which is
+    /// all the node keeps alive.
     pub(crate) fn unary_op<F: UnaryFn>(&self, f: F) -> Result<Tensor> {
         let out = self.map1(f)?;
         if !crate::autograd::is_grad_enabled() || !self.requires_grad() {
             return Ok(out);
         }
-        let (x, y) = (self.detach(), out.detach());
+        let (x, y) = match F::READS {
+            Reads::Nothing => (None, None),
+            Reads::Input => (Some(self.detach()), None),
+            Reads::Output => (None, Some(out.detach())),
+            Reads::Both => (Some(self.detach()), Some(out.detach())),
+        };
         Ok(out.with_grad(F::NAME, &[self], move |g| {
-            float_dispatch!(F::NAME, g.dtype(), T => Ok(vec![Some(
-                g.map3::<T>(&x, &y, F::NAME, #[inline(always)] move |g, x, y| g * f.df(x, y))?,
-            )]))
+            float_dispatch!(F::NAME, g.dtype(), T => {
+                let zero = T::ZERO;
+                let gi = match (&x, &y) {
+                    (Some(x), Some(y)) => g.map3::<T>(x, y, F::NAME, #[inline(always)] move |g, x, y| g * f.df(x, y))?,
+                    (Some(x), None) => g.zip_map::<T>(x, F::NAME, F::COST, #[inline(always)] move |g, x| g * f.df(x, zero))?,
+                    (None, Some(y)) => g.zip_map::<T>(y, F::NAME, F::COST, #[inline(always)] move |g, y| g * f.df(zero, y))?,
+                    (None, None) => {
+                        let d = f.df(zero, zero);
+                        let v = g.read::<T, _>(|s, l| unary(s, l, Cost::Cheap, #[inline(always)] move |g: T| g * d));
+                        Tensor::from_buf(v, g.dims())
+                    }
+                };
+                Ok(vec![Some(gi)])
+            })
         }))
     }
 

@@ -28,6 +28,9 @@ use crate::threading::{install, num_threads};
 /// of A (L3): 3072 × 384 f32 = 4.5 MiB. NC 192 measured 10% faster than 480 on the wide conv GEMMs
 /// (64×288×6272) and the same on square ones.
 const KC_BYTES: usize = 384 * 4;
+/// Products with at most this many rows split the columns between threads at the top (see
+/// [`gemm`]).
+const SMALL_M: usize = 64;
 const NC_ELEMS_F32: usize = 192;
 const MC_ELEMS_F32: usize = 3072;
 
@@ -272,6 +275,40 @@ pub unsafe fn gemm<T: GemmFloat>(
                 parallel,
             )
         });
+    }
+    if threads > 1 && m <= SMALL_M && n >= 2 * threads * nr {
+        // Few rows (a recurrent step, a decoding step): each thread takes a range of whole
+        // columns and runs the product serially, packing the small A itself. One fork-join
+        // instead of two per `NC` block of B.
+        let per = n.div_ceil(nr).div_ceil(threads) * nr;
+        let (a, b, c) = (SendPtr(a as *mut T), SendPtr(b as *mut T), SendPtr(c));
+        (0..threads).into_par_iter().for_each(|p| {
+            let j0 = p * per;
+            if j0 < n {
+                // SAFETY: columns j0..j0+len of B and C are inside them by the caller's
+                // contract; the threads write disjoint columns of C.
+                unsafe {
+                    gemm(
+                        m,
+                        per.min(n - j0),
+                        k,
+                        alpha,
+                        a.get(),
+                        rsa,
+                        csa,
+                        b.get().offset(j0 as isize * csb),
+                        rsb,
+                        csb,
+                        beta,
+                        c.get().offset(j0 as isize * csc),
+                        rsc,
+                        csc,
+                        false,
+                    )
+                }
+            }
+        });
+        return;
     }
     // Packing buffers from the thread's scratch pool (kept across calls; a nested GEMM run
     // by work stealing gets buffers of its own).
@@ -556,6 +593,7 @@ mod tests {
             (100, 3, 50),
             (2, 500, 30),
             (61, 97, 800),
+            (40, 1000, 300),
         ];
         for level in ["plain", "avx2", ""] {
             super::super::set_simd_cap_for_tests(level);
