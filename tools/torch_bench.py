@@ -154,6 +154,78 @@ def lstm():
     return step
 
 
+def mamba():
+    """Mamba LM with the selective scan as mamba_ssm's `selective_scan_ref`: exp(Δ·A) and Δ·B·u
+    for all steps at once, then a Python loop over time for the recurrence (mamba_ssm's CUDA
+    kernels do not run on the CPU, so this is what PyTorch eager is)."""
+    nn, F = torch.nn, torch.nn.functional
+
+    def selective_scan(u, delta, A, B, C, D):  # batch-first: u, delta [b, l, d]; B, C [b, l, n]
+        dA = torch.exp(delta.unsqueeze(-1) * A)  # [b, l, d, n]
+        dBu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+        # unbind, not dA[:, t]: the backward of L selects would build L full-size gradients.
+        dAs, dBus, Cs = dA.unbind(1), dBu.unbind(1), C.unbind(1)
+        h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+        ys = []
+        for t in range(u.shape[1]):
+            h = dAs[t] * h + dBus[t]
+            ys.append(torch.einsum("bdn,bn->bd", h, Cs[t]))
+        return torch.stack(ys, 1) + u * D
+
+    class Mixer(nn.Module):
+        def __init__(self, d_model, d_state=16, d_conv=4, expand=2):
+            super().__init__()
+            di, self.n, self.r = expand * d_model, d_state, -(-d_model // 16)
+            self.in_proj = nn.Linear(d_model, 2 * di, bias=False)
+            self.conv1d = nn.Conv1d(di, di, d_conv, groups=di, padding=d_conv - 1)
+            self.x_proj = nn.Linear(di, self.r + 2 * d_state, bias=False)
+            self.dt_proj = nn.Linear(self.r, di)
+            self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(di, 1))
+            self.D = nn.Parameter(torch.ones(di))
+            self.out_proj = nn.Linear(di, d_model, bias=False)
+
+        def forward(self, h):
+            x, z = self.in_proj(h).chunk(2, dim=-1)
+            x = F.silu(self.conv1d(x.transpose(1, 2))[..., :h.shape[1]]).transpose(1, 2)
+            dt, B, C = torch.split(self.x_proj(x), [self.r, self.n, self.n], -1)
+            delta = F.softplus(self.dt_proj(dt))
+            y = selective_scan(x, delta, -torch.exp(self.A_log), B, C, self.D)
+            return self.out_proj(y * F.silu(z))
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.mixer, self.norm = Mixer(d), nn.RMSNorm(d, eps=1e-5)
+
+        def forward(self, x):
+            return x + self.mixer(self.norm(x))
+
+    class MambaLM(nn.Module):
+        def __init__(self, vocab=65, d=128, layers=4):
+            super().__init__()
+            self.embedding = nn.Embedding(vocab, d)
+            self.layers = nn.ModuleList([Block(d) for _ in range(layers)])
+            self.norm_f = nn.RMSNorm(d, eps=1e-5)
+
+        def forward(self, ids):
+            x = self.embedding(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.norm_f(x) @ self.embedding.weight.T
+
+    model = MambaLM()
+    ids = torch.tensor([(i * 7 + i // 13) % 65 for i in range(8 * 128)]).reshape(8, 128)
+    targets = ((ids + 1) % 65).reshape(-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def step():
+        loss = F.cross_entropy(model(ids).reshape(-1, 65), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
 def softmax():
     a = torch.randn(4096, 1024)
     return lambda: torch.softmax(a, -1)
@@ -166,6 +238,7 @@ WORKLOADS = [
     ("gpt", "tokens/s", 16 * 128, gpt, True),
     ("vit", "samples/s", 32, vit, True),
     ("lstm", "tokens/s", 32 * 64, lstm, True),
+    ("mamba", "tokens/s", 8 * 128, mamba, True),
     ("sgemm-1024", "GFLOP/s", 2 * 1024**3 / 1e9, lambda: sgemm(1024), False),
     ("sgemm-4096", "GFLOP/s", 2 * 4096**3 / 1e9, lambda: sgemm(4096), False),
     ("add-16m", "GB/s", 3 * 4 * EW_N / 1e9, add, False),

@@ -172,6 +172,30 @@ fn workloads() -> Vec<Workload> {
                 }))
             },
         },
+        // Mamba LM (vocab 65, width 128, 4 layers, d_state 16, expand 2, d_conv 4),
+        // batch 8 × 128, AdamW lr 1e-3.
+        Workload {
+            name: "mamba",
+            unit: "tokens/s",
+            work: 8.0 * 128.0,
+            setup: || {
+                manual_seed(0);
+                let model = nerve_models::MambaLm::new(nerve_models::MambaConfig::default())?;
+                let ids: Vec<i64> = (0..8 * 128).map(|i| (i * 7 + i / 13) % 65).collect();
+                let targets: Vec<i64> = ids.iter().map(|v| (v + 1) % 65).collect();
+                let ids = Tensor::from_vec(ids, [8, 128])?;
+                let targets = Tensor::from_vec(targets, [8 * 128])?;
+                let mut opt = Adam::adamw(model.parameters(), 1e-3, 0.01);
+                Ok(Box::new(move || {
+                    let logits = model.forward(&ids)?.reshape(&[-1, 65])?;
+                    let l = loss::cross_entropy(&logits, &targets, &Default::default())?;
+                    l.backward()?;
+                    opt.step()?;
+                    opt.zero_grad();
+                    Ok(())
+                }))
+            },
+        },
         // The small CNN on 1×28×28, batch 64, AdamW lr 1e-3 (PyTorch's default decay 0.01).
         Workload {
             name: "cnn",

@@ -533,52 +533,36 @@ impl Module for BatchNorm {
                 ),
             ));
         }
-        // Reduce over every dim but the channel one; per-channel tensors broadcast as [C, 1, ..].
-        let dims: Vec<isize> = (0..x.rank() as isize).filter(|&d| d != 1).collect();
-        let mut bshape = vec![c as isize];
-        bshape.extend(std::iter::repeat_n(1, x.rank() - 2));
-        let (mean, var) = if self.training.load(Ordering::Relaxed) {
-            let n = x.numel() / c;
-            if n < 2 {
-                return Err(Error::bad_shape(
-                    "BatchNorm",
-                    x.dims(),
-                    "expected more than 1 value per channel when training",
-                ));
-            }
-            let mean = x.mean_dim(&dims, false)?;
-            let var = x.var_dim(&dims, 0, false)?;
-            no_grad(|| -> Result<()> {
-                let m = self.momentum;
-                let unbiased = var.mul_scalar(n as f64 / (n - 1) as f64)?;
-                self.running_mean.copy_(
-                    &self
-                        .running_mean
-                        .affine(1.0 - m, 0.0)?
-                        .add(&mean.mul_scalar(m)?)?,
-                )?;
-                self.running_var.copy_(
-                    &self
-                        .running_var
-                        .affine(1.0 - m, 0.0)?
-                        .add(&unbiased.mul_scalar(m)?)?,
-                )?;
+        let training = self.training.load(Ordering::Relaxed);
+        if training && x.numel() / c.max(1) < 2 {
+            return Err(Error::bad_shape(
+                "BatchNorm",
+                x.dims(),
+                "expected more than 1 value per channel when training",
+            ));
+        }
+        // One fused op: batch statistics (and the running-statistics update) in training,
+        // running statistics in evaluation.
+        let y = x.batch_norm(
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            Some(&self.weight),
+            Some(&self.bias),
+            training,
+            self.momentum,
+            self.eps,
+        )?;
+        if training {
+            no_grad(|| {
                 self.num_batches_tracked.copy_(
                     &self
                         .num_batches_tracked
                         .to_dtype(DType::F64)?
                         .add_scalar(1.0)?,
-                )?;
-                Ok(())
+                )
             })?;
-            (mean, var)
-        } else {
-            (self.running_mean.clone(), self.running_var.clone())
-        };
-        let scale = var.add_scalar(self.eps)?.rsqrt()?.mul(&self.weight)?;
-        let shift = self.bias.sub(&mean.mul(&scale)?)?;
-        x.mul(&scale.reshape(&bshape)?)?
-            .add(&shift.reshape(&bshape)?)
+        }
+        Ok(y)
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
         vec![
@@ -634,28 +618,24 @@ impl LayerNorm {
     }
 }
 
-fn trailing_dims(op: &'static str, x: &Tensor, shape: &[usize]) -> Result<Vec<isize>> {
+/// Check that `shape` is the trailing part of `x`'s dims.
+fn check_trailing(op: &'static str, x: &Tensor, shape: &[usize]) -> Result<()> {
     let r = x.rank();
     if shape.len() > r || x.dims()[r - shape.len()..] != *shape {
         return Err(Error::shape_mismatch(op, x.dims(), shape));
     }
-    Ok((r - shape.len()..r).map(|d| d as isize).collect())
+    Ok(())
 }
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = trailing_dims("LayerNorm", x, &self.normalized_shape)?;
-        let mean = x.mean_dim(&dims, true)?;
-        let xc = x.sub(&mean)?;
-        let var = xc.square()?.mean_dim(&dims, true)?;
-        let mut y = xc.mul(&var.add_scalar(self.eps)?.rsqrt()?)?;
-        if let Some(w) = &self.weight {
-            y = y.mul(w)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.add(b)?;
-        }
-        Ok(y)
+        check_trailing("LayerNorm", x, &self.normalized_shape)?;
+        x.layer_norm(
+            &self.normalized_shape,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.eps,
+        )
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
@@ -695,9 +675,8 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = trailing_dims("RMSNorm", x, &self.normalized_shape)?;
-        let ms = x.square()?.mean_dim(&dims, true)?;
-        x.mul(&ms.add_scalar(self.eps)?.rsqrt()?)?.mul(&self.weight)
+        check_trailing("RMSNorm", x, &self.normalized_shape)?;
+        x.rms_norm(&self.normalized_shape, Some(&self.weight), self.eps)
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
         vec![("weight".into(), self.weight.clone())]
@@ -748,18 +727,7 @@ impl Module for GroupNorm {
                 format!("expected [N, {c}, *]"),
             ));
         }
-        let n = x.dims()[0] as isize;
-        let g = x.reshape(&[n, self.groups as isize, -1])?;
-        let mean = g.mean_dim(&[2], true)?;
-        let gc = g.sub(&mean)?;
-        let var = gc.square()?.mean_dim(&[2], true)?;
-        let y = gc.mul(&var.add_scalar(self.eps)?.rsqrt()?)?;
-        let dims: Vec<isize> = x.dims().iter().map(|&d| d as isize).collect();
-        let mut bshape = vec![c as isize];
-        bshape.extend(std::iter::repeat_n(1, x.rank() - 2));
-        y.reshape(&dims)?
-            .mul(&self.weight.reshape(&bshape)?)?
-            .add(&self.bias.reshape(&bshape)?)
+        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps)
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
         vec![

@@ -33,6 +33,7 @@ pub mod init;
 pub mod layers;
 pub mod loss;
 pub mod lr;
+pub mod mamba;
 pub mod module;
 pub mod optim;
 pub mod rnn;
@@ -49,6 +50,10 @@ pub use layers::{
     Linear, MaxPool2d, ReLU, RmsNorm, SiLU, Sigmoid, Softmax, Tanh, GELU,
 };
 pub use lr::LrSchedule;
+pub use mamba::{
+    causal_conv1d, selective_scan, selective_state_update, MambaBlock, MambaCache, MambaLayer,
+    MambaOptions,
+};
 pub use module::{Module, ModuleExt, Sequential, StateDictError};
 pub use optim::{clip_grad_norm, clip_grad_value, Adagrad, Adam, Optimizer, RmsProp, Sgd};
 pub use rnn::{gru, lstm, Rnn, RnnKind, RnnOptions, RnnState};

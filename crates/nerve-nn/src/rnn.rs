@@ -352,8 +352,71 @@ macro_rules! float_body {
     };
 }
 
+#[inline(always)]
 fn sigmoid<T: Float>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
+}
+
+/// One batch row of an LSTM step: gates from the pre-activations `x + hp` (`[4H]`, gates
+/// i, f, g, o), the cell `c` and output `h` (`[H]`) updated in place; the gates and tanh(c)
+/// saved for the backward pass. Written over contiguous gate blocks so it vectorises.
+#[inline(always)]
+fn lstm_gates_row<T: Float>(
+    x: &[T],
+    hp: &[T],
+    c: &mut [T],
+    h: &mut [T],
+    gates: &mut [T],
+    tc: &mut [T],
+) {
+    let hs = c.len();
+    let (gi, rest) = gates.split_at_mut(hs);
+    let (gf, rest) = rest.split_at_mut(hs);
+    let (gg, go) = rest.split_at_mut(hs);
+    for j in 0..hs {
+        let i = sigmoid(x[j] + hp[j]);
+        let f = sigmoid(x[hs + j] + hp[hs + j]);
+        let g = Float::tanh(x[2 * hs + j] + hp[2 * hs + j]);
+        let o = sigmoid(x[3 * hs + j] + hp[3 * hs + j]);
+        let cn = f * c[j] + i * g;
+        let t = Float::tanh(cn);
+        (gi[j], gf[j], gg[j], go[j]) = (i, f, g, o);
+        c[j] = cn;
+        tc[j] = t;
+        h[j] = o * t;
+    }
+}
+
+/// One batch row of the LSTM backward step: from the saved gates, tanh(c) and previous
+/// cell `cp`, the output gradient `gh` plus the carried `dh`, and the carried `dc` (updated
+/// in place to the previous step's), the pre-activation gradients `da` `[4H]`.
+#[inline(always)]
+fn lstm_grads_row<T: Float>(
+    gates: &[T],
+    tc: &[T],
+    cp: &[T],
+    gh: &[T],
+    dh: &[T],
+    dc: &mut [T],
+    da: &mut [T],
+) {
+    let hs = tc.len();
+    let (gi, rest) = gates.split_at(hs);
+    let (gf, rest) = rest.split_at(hs);
+    let (gg, go) = rest.split_at(hs);
+    let (di, rest) = da.split_at_mut(hs);
+    let (df, rest) = rest.split_at_mut(hs);
+    let (dg, dout) = rest.split_at_mut(hs);
+    for j in 0..hs {
+        let (i, f, g, o, t) = (gi[j], gf[j], gg[j], go[j], tc[j]);
+        let d_h = gh[j] + dh[j];
+        let dct = dc[j] + d_h * o * (T::ONE - t * t);
+        di[j] = dct * g * i * (T::ONE - i);
+        df[j] = dct * cp[j] * f * (T::ONE - f);
+        dg[j] = dct * i * (T::ONE - g * g);
+        dout[j] = d_h * t * o * (T::ONE - o);
+        dc[j] = dct * f;
+    }
 }
 
 /// The fused LSTM cell: pre-activations `a` `[B, 4H]` (gates i, f, g, o) and `c` `[B, H]` →
@@ -432,14 +495,16 @@ pub fn lstm_sequence(
     }
     float_body!(OP, xp, T => {
         let xv: Vec<T> = xp.contiguous()?.to_vec()?;
-        let w_t = w_hh.detach().t()?; // [H, 4H]
+        let w_t = w_hh.detach().t()?.contiguous()?; // [H, 4H], packed fast by the GEMM
         let w = w_hh.detach(); // [4H, H]
         let mut h: Vec<T> = h0.contiguous()?.to_vec()?;
         let mut c: Vec<T> = c0.contiguous()?.to_vec()?;
         let (bh, bh4) = (b * hs, b * h4);
         let mut packed = vec![0.0 as T; (t_len + 2) * bh];
-        // Saved per step (by time index): gates i, f, g, o, tanh(c) and the previous h and c.
-        let mut acts = vec![0.0 as T; t_len * bh * 5];
+        // Saved per step (by time index): the gates i, f, g, o (laid out like the
+        // pre-activations), tanh(c) and the previous h and c.
+        let mut gates = vec![0.0 as T; t_len * bh4];
+        let mut tcs = vec![0.0 as T; t_len * bh];
         let mut h_prev = vec![0.0 as T; t_len * bh];
         let mut c_prev = vec![0.0 as T; t_len * bh];
         nerve_core::no_grad(|| -> Result<()> {
@@ -448,20 +513,26 @@ pub fn lstm_sequence(
                 h_prev[t * bh..(t + 1) * bh].copy_from_slice(&h);
                 c_prev[t * bh..(t + 1) * bh].copy_from_slice(&c);
                 let hp: Vec<T> = Tensor::from_vec(h.clone(), [b, hs])?.matmul(&w_t)?.to_vec()?;
-                for r in 0..b {
-                    for j in 0..hs {
-                        let a = |k: usize| xv[t * bh4 + r * h4 + k * hs + j] + hp[r * h4 + k * hs + j];
-                        let (i, f, g, o) = (sigmoid(a(0)), sigmoid(a(1)), Float::tanh(a(2)), sigmoid(a(3)));
-                        let cn = f * c[r * hs + j] + i * g;
-                        let tc = Float::tanh(cn);
-                        let hn = o * tc;
-                        c[r * hs + j] = cn;
-                        h[r * hs + j] = hn;
-                        packed[t * bh + r * hs + j] = hn;
-                        let k = (t * bh + r * hs + j) * 5;
-                        acts[k..k + 5].copy_from_slice(&[i, f, g, o, tc]);
-                    }
-                }
+                let g_t = &mut gates[t * bh4..(t + 1) * bh4];
+                let tc_t = &mut tcs[t * bh..(t + 1) * bh];
+                let out_t = &mut packed[t * bh..(t + 1) * bh];
+                let x_t = &xv[t * bh4..(t + 1) * bh4];
+                nerve_core::kernels::with_simd(
+                    #[inline(always)]
+                    || {
+                        for r in 0..b {
+                            lstm_gates_row(
+                                &x_t[r * h4..(r + 1) * h4],
+                                &hp[r * h4..(r + 1) * h4],
+                                &mut c[r * hs..(r + 1) * hs],
+                                &mut h[r * hs..(r + 1) * hs],
+                                &mut g_t[r * h4..(r + 1) * h4],
+                                &mut tc_t[r * hs..(r + 1) * hs],
+                            );
+                        }
+                    },
+                );
+                out_t.copy_from_slice(&h);
             }
             Ok(())
         })?;
@@ -477,21 +548,25 @@ pub fn lstm_sequence(
                 for step in (0..t_len).rev() {
                     let t = if reverse { t_len - 1 - step } else { step };
                     let da = &mut da_all[t * bh4..(t + 1) * bh4];
-                    for r in 0..b {
-                        for j in 0..hs {
-                            let e = t * bh + r * hs + j;
-                            let s = &acts[e * 5..e * 5 + 5];
-                            let (i, f, g, o, tc) = (s[0], s[1], s[2], s[3], s[4]);
-                            let dh = gv[e] + dh_next[r * hs + j];
-                            let dct = dc_next[r * hs + j] + dh * o * (1.0 - tc * tc);
-                            let d = &mut da[r * h4..(r + 1) * h4];
-                            d[j] = dct * g * i * (1.0 - i);
-                            d[hs + j] = dct * c_prev[e] * f * (1.0 - f);
-                            d[2 * hs + j] = dct * i * (1.0 - g * g);
-                            d[3 * hs + j] = dh * tc * o * (1.0 - o);
-                            dc_next[r * hs + j] = dct * f;
-                        }
-                    }
+                    let (g_t, tc_t) = (&gates[t * bh4..(t + 1) * bh4], &tcs[t * bh..(t + 1) * bh]);
+                    let (gv_t, cp_t) = (&gv[t * bh..(t + 1) * bh], &c_prev[t * bh..(t + 1) * bh]);
+                    nerve_core::kernels::with_simd(
+                        #[inline(always)]
+                        || {
+                            for r in 0..b {
+                                let rows = r * hs..(r + 1) * hs;
+                                lstm_grads_row(
+                                    &g_t[r * h4..(r + 1) * h4],
+                                    &tc_t[rows.clone()],
+                                    &cp_t[rows.clone()],
+                                    &gv_t[rows.clone()],
+                                    &dh_next[rows.clone()],
+                                    &mut dc_next[rows],
+                                    &mut da[r * h4..(r + 1) * h4],
+                                );
+                            }
+                        },
+                    );
                     dh_next = Tensor::from_vec(da.to_vec(), [b, h4])?.matmul(&w)?.to_vec()?;
                 }
                 let da = Tensor::from_vec(da_all, [t_len * b, h4])?;
