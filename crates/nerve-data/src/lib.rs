@@ -6,6 +6,7 @@
 //! * [`mnist`]: MNIST-style image/label pairs as a [`Dataset`];
 //! * [`csv`]: numeric tabular data with an integer label column;
 //! * [`digits()`]: the scikit-learn 8x8 digits set, embedded in the crate;
+//! * [`text`]: character-level text for language models ([`CharTokenizer`], windows);
 //! * [`Dataset`]: an in-memory labelled set (split, subset, normalize, batch);
 //! * [`DataLoader`]: shuffled mini-batches with augmentation and background prefetch.
 //!
@@ -31,8 +32,10 @@ pub mod dataset;
 mod digits;
 pub mod error;
 pub mod idx;
+pub mod image;
 pub mod loader;
 pub mod mnist;
+pub mod text;
 
 pub use augment::Augment;
 pub use csv::{load_csv, CsvOptions};
@@ -42,3 +45,4 @@ pub use error::{DataError, Result};
 pub use idx::{read_idx, IdxArray};
 pub use loader::{Batches, DataLoader};
 pub use mnist::load_mnist;
+pub use text::{CharTokenizer, TextSplits};
