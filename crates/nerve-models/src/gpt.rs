@@ -3,9 +3,13 @@
 
 use nerve_core::{Error, Result, Tensor};
 use nerve_nn::{BlockOptions, Embedding, KvCache, LayerNorm, Module, TransformerBlock};
+use serde::{Deserialize, Serialize};
+
+use crate::lm::{check_prompt, last_logits, pick, LanguageModel};
 
 /// Sizes of a [`Gpt`]. The default is the `gpt` benchmark workload's model.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GptConfig {
     /// Tokens in the vocabulary.
     pub vocab_size: usize,
@@ -120,9 +124,9 @@ impl Gpt {
         self.ln_f.forward(&x)?.matmul(&self.wte.weight.t()?)
     }
 
-    /// Continue `prompt` (token ids) by `n` tokens with the cache: greedy when `temperature`
-    /// is 0, else sampling from the `top_k` most likely tokens (all when 0) at that temperature,
-    /// from nerve's seeded global generator.
+    /// Continue `prompt` by `n` tokens with the key/value cache (see
+    /// [`LanguageModel::generate`]). The model sees at most `context` tokens: when the cache
+    /// is full it is rebuilt from the last `context / 2` tokens, as nanoGPT crops its input.
     pub fn generate(
         &self,
         prompt: &[i64],
@@ -130,32 +134,23 @@ impl Gpt {
         temperature: f64,
         top_k: usize,
     ) -> Result<Vec<i64>> {
-        if prompt.is_empty() {
-            return Err(Error::invalid("generate", "the prompt is empty"));
-        }
-        if let Some(&bad) = prompt
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= self.config.vocab_size)
-        {
-            return Err(Error::invalid(
-                "generate",
-                format!(
-                    "token {bad} outside the vocabulary of {}",
-                    self.config.vocab_size
-                ),
-            ));
-        }
+        check_prompt(prompt, self.config.vocab_size)?;
+        let ctx = self.config.context;
         nerve_core::no_grad(|| {
             let mut caches = vec![KvCache::default(); self.h.len()];
             let mut out = prompt.to_vec();
-            let mut next_in = Tensor::from_vec(prompt.to_vec(), [1, prompt.len()])?;
+            let start = prompt.len().saturating_sub(ctx);
+            let mut next_in =
+                Tensor::from_vec(prompt[start..].to_vec(), [1, prompt.len() - start])?;
             for _ in 0..n {
+                if caches[0].len() + next_in.dims()[1] > ctx {
+                    let keep = (ctx / 2).max(1);
+                    let tail = out[out.len() - keep..].to_vec();
+                    caches = vec![KvCache::default(); self.h.len()];
+                    next_in = Tensor::from_vec(tail, [1, keep])?;
+                }
                 let logits = self.forward_cached(&next_in, &mut caches)?;
-                let last = logits
-                    .select(1, logits.dims()[1] - 1)?
-                    .reshape(&[-1])?
-                    .to_f64_vec();
-                let tok = pick(&last, temperature, top_k);
+                let tok = pick(&last_logits(&logits)?, temperature, top_k);
                 out.push(tok);
                 next_in = Tensor::from_vec(vec![tok], [1, 1])?;
             }
@@ -164,32 +159,19 @@ impl Gpt {
     }
 }
 
-/// Greedy or top-k temperature sampling from one row of logits.
-fn pick(logits: &[f64], temperature: f64, top_k: usize) -> i64 {
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if temperature <= 0.0 {
-        return idx[0] as i64;
+impl LanguageModel for Gpt {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
     }
-    let k = if top_k == 0 {
-        idx.len()
-    } else {
-        top_k.min(idx.len())
-    };
-    let m = logits[idx[0]];
-    let w: Vec<f64> = idx[..k]
-        .iter()
-        .map(|&i| ((logits[i] - m) / temperature).exp())
-        .collect();
-    let total: f64 = w.iter().sum();
-    let mut u = nerve_core::random::with_global(|g| g.next_f64()) * total;
-    for (j, wj) in w.iter().enumerate() {
-        u -= wj;
-        if u <= 0.0 {
-            return idx[j] as i64;
-        }
+    fn generate(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        temperature: f64,
+        top_k: usize,
+    ) -> Result<Vec<i64>> {
+        Gpt::generate(self, prompt, n, temperature, top_k)
     }
-    idx[k - 1] as i64
 }
 
 impl Module for Gpt {

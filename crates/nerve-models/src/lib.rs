@@ -4,12 +4,21 @@
 //! structure (and so the same `state_dict` names) as its PyTorch twin.
 #![warn(missing_docs)]
 
+pub mod char_rnn;
 pub mod cnn;
+pub mod ddpm;
 pub mod gpt;
+pub mod lm;
+pub mod mamba;
 pub mod mlp;
+pub mod unet;
 pub mod vit;
 
+pub use char_rnn::{CharRnn, CharRnnCell, CharRnnConfig};
 pub use cnn::cnn;
 pub use gpt::{Gpt, GptConfig};
+pub use lm::LanguageModel;
+pub use mamba::{MambaConfig, MambaLm, MixerModel};
 pub use mlp::mlp;
+pub use unet::{UNet, UNetConfig};
 pub use vit::{Vit, VitConfig};

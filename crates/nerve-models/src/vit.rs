@@ -4,9 +4,11 @@
 
 use nerve_core::{Error, Result, Tensor};
 use nerve_nn::{BlockOptions, Conv2d, ConvOptions, LayerNorm, Linear, Module, TransformerBlock};
+use serde::{Deserialize, Serialize};
 
 /// Sizes of a [`Vit`]. The default is the `vit` benchmark workload's model.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct VitConfig {
     /// Input channels.
     pub channels: usize,
@@ -95,6 +97,12 @@ impl Vit {
                     "width ({}) must be divisible by heads ({})",
                     c.width, c.heads
                 ),
+            ));
+        }
+        if c.channels == 0 || c.image == 0 || c.layers == 0 || c.classes == 0 {
+            return Err(Error::invalid(
+                "VitConfig",
+                "channels, image, layers and classes must be at least 1",
             ));
         }
         let n = (c.image / c.patch) * (c.image / c.patch);
