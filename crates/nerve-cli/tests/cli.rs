@@ -183,3 +183,305 @@ fn bad_input_gives_clear_errors() {
     let _ = Path::new(&dir);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A text a small model learns in a few dozen steps.
+fn toy_text(dir: &Path) -> PathBuf {
+    let p = dir.join("toy.txt");
+    std::fs::write(&p, "the cat sat on the mat.\n".repeat(300)).unwrap();
+    p
+}
+
+/// The held-out loss of the last `step` line.
+fn last_val_loss(out: &str) -> f64 {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("step") && l.contains("val loss"))
+        .expect("step line");
+    let mut w = line.split_whitespace();
+    w.find(|&x| x == "val").unwrap();
+    w.next();
+    w.next().unwrap().parse().unwrap()
+}
+
+/// Language models: train (gpt and lstm, small configs), resume, evaluate and generate; the
+/// models learn the toy text, and greedy generation continues it.
+#[test]
+fn language_models_train_resume_and_generate() {
+    let dir = tmp("lm");
+    let data = toy_text(&dir);
+    let config = dir.join("gpt.json");
+    std::fs::write(
+        &config,
+        r#"{"layers": 1, "width": 32, "heads": 2, "context": 32}"#,
+    )
+    .unwrap();
+    let run = dir.join("gpt");
+    let base = [
+        "train",
+        "--model",
+        "gpt",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "40",
+        "--out",
+        run.to_str().unwrap(),
+        "--no-progress",
+    ];
+    let o = nerve(&[&base[..], &["--steps", "80"]].concat());
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(last_val_loss(&t) < 0.3, "{t}");
+    let cfg = std::fs::read_to_string(run.join("config.json")).unwrap();
+    assert!(cfg.contains("\"width\": 32"), "{cfg}");
+    let o = nerve(&[&base[..], &["--steps", "120", "--resume"]].concat());
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("from step 80") && t.contains("step    120/120"),
+        "{t}"
+    );
+    let o = nerve(&["eval", run.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(o.status.success() && t.contains("nats/char"), "{t}");
+    let o = nerve(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "the cat ",
+        "--tokens",
+        "40",
+        "--temperature",
+        "0",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.starts_with("the cat sat on the mat.\nthe cat sat"), "{t}");
+
+    let run = dir.join("lstm");
+    let cfg = dir.join("lstm.json");
+    std::fs::write(&cfg, r#"{"embedding": 16, "hidden": 64}"#).unwrap();
+    let o = nerve(&[
+        "train",
+        "--model",
+        "lstm",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "100",
+        "--batch-size",
+        "16",
+        "--seq-len",
+        "24",
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        "50",
+        "--out",
+        run.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(last_val_loss(&t) < 0.3, "{t}");
+    let o = nerve(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "on the",
+        "--tokens",
+        "10",
+        "--temperature",
+        "0",
+    ]);
+    let t = text(&o);
+    assert!(t.starts_with("on the mat.\nthe"), "{t}");
+
+    // Bad input: characters outside the vocabulary, an empty prompt, inconsistent configs,
+    // a sequence longer than the context, generating from a classifier.
+    let gpt = dir.join("gpt");
+    fails_naming(
+        &[
+            "generate",
+            "--checkpoint",
+            gpt.to_str().unwrap(),
+            "--prompt",
+            "ROMEO",
+        ],
+        &["'R'", "'O'", "'M'", "vocabulary"],
+    );
+    fails_naming(
+        &[
+            "generate",
+            "--checkpoint",
+            gpt.to_str().unwrap(),
+            "--prompt",
+            "",
+        ],
+        &["--prompt is empty"],
+    );
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"width": 30, "heads": 4}"#).unwrap();
+    fails_naming(
+        &[
+            "train",
+            "--model",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            bad.to_str().unwrap(),
+        ],
+        &["width (30)", "heads (4)"],
+    );
+    std::fs::write(&bad, r#"{"vocab_size": 5}"#).unwrap();
+    fails_naming(
+        &[
+            "train",
+            "--model",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            bad.to_str().unwrap(),
+        ],
+        &["vocab_size", "data needs 12"],
+    );
+    std::fs::write(&bad, r#"{"hidden_size": 5}"#).unwrap();
+    fails_naming(
+        &[
+            "train",
+            "--model",
+            "lstm",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            bad.to_str().unwrap(),
+        ],
+        &["unknown field `hidden_size`", "expected one of"],
+    );
+    fails_naming(
+        &[
+            "train",
+            "--model",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--seq-len",
+            "64",
+        ],
+        &["--seq-len 64", "context (32"],
+    );
+    let cls = dir.join("cls");
+    let o = nerve(&[
+        "train",
+        "--epochs",
+        "1",
+        "--out",
+        cls.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    fails_naming(
+        &["generate", "--checkpoint", cls.to_str().unwrap()],
+        &["not a language model"],
+    );
+}
+
+/// Diffusion: a tiny U-Net trains on the digits, `nerve sample` writes a PNG grid and scores
+/// the samples with a classifier run; bad requests are refused.
+#[test]
+fn ddpm_train_and_sample() {
+    let dir = tmp("ddpm");
+    let cfg = dir.join("unet.json");
+    std::fs::write(
+        &cfg,
+        r#"{"base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "time_embed_dim": 16, "attention": false}"#,
+    )
+    .unwrap();
+    let run = dir.join("ddpm");
+    let o = nerve(&[
+        "train",
+        "--model",
+        "ddpm",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--eval-every",
+        "5",
+        "--out",
+        run.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("step     10/10") && run.join("samples.png").is_file(),
+        "{t}"
+    );
+    let cls = dir.join("cnn");
+    let o = nerve(&[
+        "train",
+        "--epochs",
+        "1",
+        "--out",
+        cls.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let png = dir.join("grid.png");
+    let o = nerve(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--class",
+        "3",
+        "--n",
+        "4",
+        "--steps",
+        "5",
+        "--out",
+        png.to_str().unwrap(),
+        "--classifier",
+        cls.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("agrees with the requested class on") && t.contains("class 3: "),
+        "{t}"
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    fails_naming(
+        &[
+            "sample",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--class",
+            "10",
+        ],
+        &["--class 10", "0..9"],
+    );
+    fails_naming(
+        &["sample", "--checkpoint", cls.to_str().unwrap()],
+        &["not a diffusion model"],
+    );
+    fails_naming(&["eval", run.to_str().unwrap()], &["nerve sample"]);
+}

@@ -1,0 +1,364 @@
+//! Diffusion on the command line: `nerve train --model ddpm` (a class-conditional U-Net on
+//! 28×28 images) and `nerve sample` (DDIM or DDPM sampling into a PNG grid, optionally scored
+//! by a trained classifier).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use nerve_core::{no_grad, Generator, Tensor};
+use nerve_data::image::save_png_grid;
+use nerve_data::DataLoader;
+use nerve_models::ddpm::{ddpm_loss, sample_ddim, sample_ddpm, DdpmSchedule, SampleOptions};
+use nerve_models::{UNet, UNetConfig};
+use nerve_nn::checkpoint::{load_safetensors, write_atomic};
+use nerve_nn::{
+    clip_grad_norm, load_model, load_optimizer, save_model, save_optimizer, Module, ModuleExt,
+};
+
+use crate::models::config_from;
+use crate::{checkpoint_file, checkpoint_kind, meta_get, progress_bar, stored_config, TrainArgs};
+
+/// Probability that a training label is replaced by the null class (classifier-free
+/// guidance).
+const LABEL_DROPOUT: f64 = 0.1;
+
+/// The U-Net for images `dims` (`[C, H, W]`, square) of `classes` classes.
+fn build(
+    dims: &[usize],
+    classes: usize,
+    config: Option<&serde_json::Value>,
+) -> Result<(UNet, serde_json::Value)> {
+    if dims.len() != 3 || dims[1] != dims[2] {
+        bail!("--model ddpm needs square images [channels, size, size]; these are {dims:?}");
+    }
+    let (c, json): (UNetConfig, _) = config_from(
+        "ddpm",
+        config,
+        &[
+            ("in_channels", dims[0].into()),
+            ("sample_size", dims[1].into()),
+            ("num_classes", classes.into()),
+        ],
+    )?;
+    Ok((UNet::new(c)?, json))
+}
+
+/// Pixels in [0, 1] → the model's [-1, 1].
+fn to_model_range(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mul_scalar(2.0)?.sub_scalar(1.0)?)
+}
+
+/// `nerve train --model ddpm`: DDPM's noise-prediction loss (linear β schedule over 1000
+/// steps) with 10% label dropout, a checkpoint and a sample grid every `--eval-every` steps.
+pub fn train(a: &TrainArgs) -> Result<()> {
+    if a.epochs.is_some() || a.seq_len.is_some() || a.augment_pad > 0 {
+        bail!("--model ddpm trains for --steps (no --epochs, --seq-len or --augment-pad)");
+    }
+    let data_name = a.data();
+    let splits = crate::data::load(&data_name, a.data_dir.as_deref(), a.val_fraction, a.seed)?;
+    let dims = splits.train.sample_dims().to_vec();
+    let classes = splits.train.num_classes();
+    let (model, config) = build(&dims, classes, a.config_json()?.as_ref())?;
+    let net: &dyn Module = &model;
+    let schedule = DdpmSchedule::default();
+    let batch = a.batch_size.unwrap_or(64);
+    let steps = a.steps.unwrap_or(5000);
+    let clip = a.clip_grad_norm.unwrap_or(1.0);
+    let out = a.out();
+    let model_file = out.join("model.safetensors");
+    let opt_file = out.join("optimizer.safetensors");
+    let metrics_file = out.join("metrics.csv");
+    let mut opt = crate::make_optimizer(a, net.parameters());
+    let mut metrics = String::from("step,train_loss,lr,seconds,samples_per_s\n");
+    let mut start = 0usize;
+    if a.resume {
+        let meta = load_model(net, &model_file)?;
+        let ometa = load_optimizer(opt.as_mut(), &opt_file)?;
+        let step = meta_get(&meta, "nerve.step", &model_file)?;
+        if ometa.get("nerve.step").map(String::as_str) != Some(step) {
+            bail!(
+                "{} (step {step}) and {} are from different steps; the run was interrupted while saving",
+                model_file.display(),
+                opt_file.display()
+            );
+        }
+        start = step
+            .parse()
+            .with_context(|| format!("{}: bad nerve.step", model_file.display()))?;
+        metrics = std::fs::read_to_string(&metrics_file).unwrap_or(metrics);
+        println!("resuming {} from step {start}", model_file.display());
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    println!(
+        "training ddpm ({} parameters, config {config}) on {data_name} ({} images of {dims:?}, {classes} classes) for {steps} steps of {batch}, {:?} lr {}",
+        net.num_parameters(),
+        splits.train.len(),
+        a.optimizer,
+        a.lr
+    );
+    let loader = DataLoader::new(splits.train.clone(), batch)
+        .shuffle(a.seed)
+        .drop_last(true);
+    let per_epoch = loader.num_batches().max(1);
+    let lr_schedule = a.schedule(steps, steps / 20);
+    let t_run = Instant::now();
+    let mut step = start;
+    let mut epoch = start / per_epoch;
+    let mut batches = loader.epoch(epoch);
+    // A resumed run continues its epoch where it stopped.
+    for _ in 0..start % per_epoch {
+        batches.next();
+    }
+    while step < steps {
+        let chunk_end = ((step / a.eval_every + 1) * a.eval_every).min(steps);
+        let pb = progress_bar(!a.no_progress, chunk_end - step, format!("step {step}"));
+        let t0 = Instant::now();
+        let (mut loss_sum, mut n) = (0.0, 0usize);
+        for s in step..chunk_end {
+            let (x, y) = match batches.next() {
+                Some(b) => b?,
+                None => {
+                    epoch += 1;
+                    batches = loader.epoch(epoch);
+                    batches.next().context("the data set has no full batch")??
+                }
+            };
+            opt.set_lr(lr_schedule.lr(a.lr, s));
+            // The noise and timesteps of step s depend only on the seed and s (resumable).
+            let mut g = Generator::new(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ s as u64);
+            let l = ddpm_loss(
+                &model,
+                &schedule,
+                &to_model_range(&x)?,
+                Some(&y),
+                LABEL_DROPOUT,
+                &mut g,
+            )?;
+            let lv = l.item::<f32>()? as f64;
+            if !lv.is_finite() {
+                bail!("the loss became {lv} at step {}; try a lower --lr", s + 1);
+            }
+            l.backward()?;
+            if clip > 0.0 {
+                clip_grad_norm(opt.params(), clip)?;
+            }
+            opt.step()?;
+            opt.zero_grad();
+            loss_sum += lv;
+            n += 1;
+            pb.inc(1);
+            pb.set_message(format!(
+                "loss {:.4} {:.0} images/s",
+                loss_sum / n as f64,
+                (n * batch) as f64 / t0.elapsed().as_secs_f64()
+            ));
+        }
+        pb.finish_and_clear();
+        let secs = t0.elapsed().as_secs_f64();
+        step = chunk_end;
+        let train_loss = loss_sum / n as f64;
+        println!(
+            "step {step:>6}/{steps}  loss {train_loss:.4}  lr {:.2e}  {:.0} images/s  {:.0}s",
+            opt.lr(),
+            (n * batch) as f64 / secs,
+            t_run.elapsed().as_secs_f64()
+        );
+        metrics.push_str(&format!(
+            "{step},{train_loss:.6},{:.6e},{secs:.3},{:.1}\n",
+            opt.lr(),
+            (n * batch) as f64 / secs
+        ));
+        let meta = HashMap::from([
+            ("nerve.model".to_string(), "ddpm".to_string()),
+            ("nerve.data".to_string(), data_name.clone()),
+            ("nerve.config".to_string(), config.to_string()),
+            ("nerve.seed".to_string(), a.seed.to_string()),
+            ("nerve.step".to_string(), step.to_string()),
+        ]);
+        let ometa = HashMap::from([("nerve.step".to_string(), step.to_string())]);
+        save_optimizer(opt.as_ref(), &opt_file, &ometa)?;
+        write_atomic(&metrics_file, metrics.as_bytes())?;
+        save_model(net, &model_file, &meta)?;
+        // One sample of each class (DDIM, 25 steps), so the run can be watched.
+        let labels: Vec<i64> = (0..classes as i64).collect();
+        let mut g = Generator::new(a.seed);
+        let imgs = sample_ddim(
+            &model,
+            &schedule,
+            Some(&Tensor::from_vec(labels, [classes])?),
+            &[classes, dims[0], dims[1], dims[2]],
+            25,
+            0.0,
+            &SampleOptions::default(),
+            &mut g,
+        )?;
+        save_png_grid(&imgs, classes, (-1.0, 1.0), out.join("samples.png"))?;
+        net.train();
+    }
+    println!(
+        "checkpoint {}; samples {}",
+        model_file.display(),
+        out.join("samples.png").display()
+    );
+    Ok(())
+}
+
+/// Arguments of `nerve sample`.
+#[derive(clap::Args)]
+pub struct SampleArgs {
+    /// A run folder written by `nerve train --model ddpm`, or its model.safetensors.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Draw images of this class (default: every class, one row each).
+    #[arg(long)]
+    class: Option<usize>,
+    /// Images per class.
+    #[arg(long, default_value_t = 16)]
+    n: usize,
+    /// DDIM steps (0: the full 1000-step ancestral DDPM sampler).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// DDIM's eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Classifier-free guidance scale (1: plain conditional sampling).
+    #[arg(long, default_value_t = 1.0)]
+    guidance: f64,
+    /// The PNG grid to write.
+    #[arg(long, default_value = "samples.png")]
+    out: PathBuf,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A classifier run (`nerve train --model cnn` on the same data) that classifies the
+    /// samples: prints how often it agrees with the requested class.
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+}
+
+/// `nerve sample`: draw images from a trained diffusion model into a PNG grid.
+pub fn sample(a: SampleArgs) -> Result<()> {
+    let file = checkpoint_file(&a.checkpoint);
+    let (_, meta) = load_safetensors(&file)?;
+    if checkpoint_kind(&meta, &file)?.name() != "ddpm" {
+        bail!(
+            "{}: not a diffusion model; `nerve sample` needs a `nerve train --model ddpm` run",
+            file.display()
+        );
+    }
+    let config: UNetConfig = serde_json::from_value(stored_config(&meta, &file)?)
+        .with_context(|| format!("{}: bad nerve.config", file.display()))?;
+    let classes = config.num_classes.unwrap_or(0);
+    let dims = [config.in_channels, config.sample_size, config.sample_size];
+    let model = UNet::new(config)?;
+    load_model(&model, &file)?;
+    model.eval();
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let wanted: Vec<usize> = match a.class {
+        Some(c) if c >= classes => bail!(
+            "--class {c}: the model knows classes 0..{}",
+            classes.saturating_sub(1)
+        ),
+        Some(c) => vec![c],
+        None => (0..classes).collect(),
+    };
+    let labels: Vec<i64> = wanted
+        .iter()
+        .flat_map(|&c| std::iter::repeat_n(c as i64, a.n))
+        .collect();
+    let total = labels.len();
+    let y = Tensor::from_vec(labels.clone(), [total])?;
+    let shape = [total, dims[0], dims[1], dims[2]];
+    let opts = SampleOptions {
+        guidance_scale: a.guidance,
+        ..SampleOptions::default()
+    };
+    let mut g = Generator::new(a.seed);
+    let t0 = Instant::now();
+    let schedule = DdpmSchedule::default();
+    let imgs = if a.steps == 0 {
+        sample_ddpm(&model, &schedule, Some(&y), &shape, &opts, &mut g)?
+    } else {
+        sample_ddim(
+            &model,
+            &schedule,
+            Some(&y),
+            &shape,
+            a.steps,
+            a.eta,
+            &opts,
+            &mut g,
+        )?
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let nrow = if a.class.is_some() {
+        (a.n as f64).sqrt().ceil() as usize
+    } else {
+        a.n
+    };
+    save_png_grid(&imgs, nrow, (-1.0, 1.0), &a.out)?;
+    println!(
+        "{total} samples ({}) in {secs:.1}s → {}",
+        if a.steps == 0 {
+            "DDPM, 1000 steps".to_string()
+        } else {
+            format!("DDIM, {} steps, eta {}", a.steps, a.eta)
+        },
+        a.out.display()
+    );
+    if let Some(c) = &a.classifier {
+        score(c, &imgs, &labels, &wanted)?;
+    }
+    Ok(())
+}
+
+/// Classify `imgs` (in [-1, 1]) with a classifier run and print the agreement per class.
+fn score(run: &Path, imgs: &Tensor, labels: &[i64], wanted: &[usize]) -> Result<()> {
+    let file = checkpoint_file(run);
+    let (_, meta) = load_safetensors(&file)?;
+    let kind = checkpoint_kind(&meta, &file)?;
+    let parse = |k: &str| -> Result<f64> {
+        meta_get(&meta, k, &file)?
+            .parse::<f64>()
+            .with_context(|| format!("{}: bad `{k}`", file.display()))
+    };
+    let dims: Vec<usize> = imgs.dims()[1..].to_vec();
+    let classes = parse("nerve.classes")? as usize;
+    let (clf, _) = crate::models::build(kind, &dims, classes, Some(&stored_config(&meta, &file)?))?;
+    load_model(clf.as_ref(), &file)?;
+    clf.eval();
+    let (mean, std) = (parse("nerve.mean")?, parse("nerve.std")?);
+    // [-1, 1] → [0, 1] pixels → the classifier's normalisation.
+    let x = imgs
+        .add_scalar(1.0)?
+        .mul_scalar(0.5)?
+        .clamp(Some(0.0), Some(1.0))?
+        .sub_scalar(mean)?
+        .div_scalar(std)?;
+    let pred: Vec<i64> = no_grad(|| clf.forward(&x))?.argmax(-1, false)?.to_vec()?;
+    let mut per = vec![(0usize, 0usize); wanted.iter().max().map_or(0, |m| m + 1)];
+    for (p, t) in pred.iter().zip(labels) {
+        let e = &mut per[*t as usize];
+        e.0 += (p == t) as usize;
+        e.1 += 1;
+    }
+    let agree: usize = per.iter().map(|e| e.0).sum();
+    println!(
+        "classifier {} agrees with the requested class on {agree}/{} samples ({:.1}%)",
+        file.display(),
+        labels.len(),
+        100.0 * agree as f64 / labels.len() as f64
+    );
+    for &c in wanted {
+        println!("  class {c}: {}/{}", per[c].0, per[c].1);
+    }
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! Language models on the command line: `nerve train --model lstm|gru|gpt`, `nerve eval` of
+//! their checkpoints (held-out loss) and `nerve generate`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use nerve_core::no_grad;
+use nerve_data::text::{eval_starts, random_starts, read_text, windows};
+use nerve_data::{CharTokenizer, TextSplits};
+use nerve_models::LanguageModel;
+use nerve_nn::checkpoint::{load_safetensors, write_atomic};
+use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
+use nerve_nn::{
+    clip_grad_norm, load_model, load_optimizer, save_model, save_optimizer, Module, ModuleExt,
+};
+
+use crate::models::{self, ModelKind};
+use crate::{checkpoint_file, checkpoint_kind, meta_get, progress_bar, stored_config, TrainArgs};
+
+/// The text of `--data`: `shakespeare` (from `nerve data get shakespeare`) or a file.
+fn load_corpus(spec: &str, data_dir: Option<&Path>) -> Result<String> {
+    let path = if spec == "shakespeare" {
+        let dir = data_dir.map_or_else(|| crate::data::data_root().join(spec), Path::to_path_buf);
+        let p = dir.join(crate::data::SHAKESPEARE_FILE);
+        if !p.exists() {
+            bail!(
+                "--data shakespeare: {} does not exist; fetch it with `nerve data get shakespeare` (or pass --data-dir)",
+                p.display()
+            );
+        }
+        p
+    } else {
+        let p = PathBuf::from(spec);
+        if !p.is_file() {
+            bail!("--data {spec}: not `shakespeare` or an existing text file");
+        }
+        p
+    };
+    let text = read_text(&path)?;
+    if text.is_empty() {
+        bail!("{}: the text is empty", path.display());
+    }
+    Ok(text)
+}
+
+/// Mean cross-entropy (nats per token) of `model` on the windows of `ids` at `starts`.
+fn mean_loss(
+    model: &dyn LanguageModel,
+    ids: &[i64],
+    starts: &[usize],
+    seq: usize,
+    batch: usize,
+) -> Result<f64> {
+    let net: &dyn Module = model;
+    net.eval();
+    let sum = CrossEntropyOptions {
+        reduction: Reduction::Sum,
+        ..Default::default()
+    };
+    let mut total = 0.0;
+    for chunk in starts.chunks(batch.max(1)) {
+        let (x, y) = windows(ids, chunk, seq)?;
+        total += no_grad(|| -> Result<f64> {
+            let logits = model.forward(&x)?;
+            let v = logits.dims()[2];
+            let l = loss::cross_entropy(
+                &logits.reshape(&[-1, v as isize])?,
+                &y.reshape(&[-1])?,
+                &sum,
+            )?;
+            Ok(l.item::<f32>()? as f64)
+        })?;
+    }
+    net.train();
+    Ok(total / (starts.len() * seq).max(1) as f64)
+}
+
+/// The default window length of `kind`.
+fn default_seq(kind: ModelKind) -> usize {
+    match kind {
+        ModelKind::Lstm | ModelKind::Gru => 64,
+        _ => 128,
+    }
+}
+
+/// `nerve train` for a language model: random windows of the training text, a held-out loss
+/// on fixed windows every `--eval-every` steps, with a checkpoint each time.
+pub fn train(a: &TrainArgs) -> Result<()> {
+    if a.epochs.is_some() || a.augment_pad > 0 {
+        bail!("--epochs and --augment-pad are for classifiers; language models train for --steps");
+    }
+    let data_name = a.data();
+    let text = load_corpus(&data_name, a.data_dir.as_deref())?;
+    let tok = CharTokenizer::from_text(&text);
+    let splits = TextSplits::new(tok.encode(&text)?, a.val_fraction);
+    let (model, config) = models::build_lm(a.model, tok.len(), a.config_json()?.as_ref())?;
+    let model = model.as_ref();
+    let net: &dyn Module = model;
+    let seq = a.seq_len.unwrap_or(default_seq(a.model));
+    if let Some(ctx) = models::context_of(&config) {
+        if seq > ctx {
+            bail!("--seq-len {seq} is longer than the model's context ({ctx}, config field `context`)");
+        }
+    }
+    if seq == 0 || a.eval_every == 0 {
+        bail!("--seq-len and --eval-every must be at least 1");
+    }
+    if splits.val.len() < seq + 1 {
+        bail!(
+            "the held-out {} characters of {data_name} are fewer than one window of {}",
+            splits.val.len(),
+            seq + 1
+        );
+    }
+    let batch = a.batch_size.unwrap_or(32);
+    let steps = a.steps.unwrap_or(2000);
+    let clip = a.clip_grad_norm.unwrap_or(1.0);
+    let out = a.out();
+    let model_file = out.join("model.safetensors");
+    let opt_file = out.join("optimizer.safetensors");
+    let metrics_file = out.join("metrics.csv");
+    let mut opt = crate::make_optimizer(a, net.parameters());
+    let mut metrics = String::from("step,train_loss,val_loss,lr,seconds,tokens_per_s\n");
+    let mut start = 0usize;
+    if a.resume {
+        let meta = load_model(net, &model_file)?;
+        let ometa = load_optimizer(opt.as_mut(), &opt_file)?;
+        let step = meta_get(&meta, "nerve.step", &model_file)?;
+        if ometa.get("nerve.step").map(String::as_str) != Some(step) {
+            bail!(
+                "{} (step {step}) and {} are from different steps; the run was interrupted while saving",
+                model_file.display(),
+                opt_file.display()
+            );
+        }
+        if meta.get("nerve.vocab") != Some(&tok.vocab()) {
+            bail!(
+                "{}: trained on another vocabulary than {data_name}'s",
+                model_file.display()
+            );
+        }
+        start = step
+            .parse()
+            .with_context(|| format!("{}: bad nerve.step", model_file.display()))?;
+        metrics = std::fs::read_to_string(&metrics_file).unwrap_or(metrics);
+        println!("resuming {} from step {start}", model_file.display());
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    println!(
+        "training {} ({} parameters, config {config}) on {data_name} ({} train / {} held-out characters, vocabulary {}) for {steps} steps of {batch}×{seq} tokens, {:?} lr {}",
+        a.model.name(),
+        net.num_parameters(),
+        splits.train.len(),
+        splits.val.len(),
+        tok.len(),
+        a.optimizer,
+        a.lr
+    );
+    let schedule = a.schedule(steps, steps / 20);
+    let val_starts = eval_starts(splits.val.len(), seq, a.eval_windows);
+    let ce = CrossEntropyOptions::default();
+    let t_run = Instant::now();
+    let mut step = start;
+    while step < steps {
+        let chunk_end = ((step / a.eval_every + 1) * a.eval_every).min(steps);
+        let pb = progress_bar(!a.no_progress, chunk_end - step, format!("step {step}"));
+        let t0 = Instant::now();
+        let (mut loss_sum, mut n) = (0.0, 0usize);
+        for s in step..chunk_end {
+            opt.set_lr(schedule.lr(a.lr, s));
+            for micro in 0..a.accumulate {
+                let draw = (s * a.accumulate + micro) as u64;
+                let starts = random_starts(splits.train.len(), seq, batch, a.seed, draw)?;
+                let (x, y) = windows(&splits.train, &starts, seq)?;
+                let logits = model.forward(&x)?;
+                let v = logits.dims()[2] as isize;
+                let l = loss::cross_entropy(&logits.reshape(&[-1, v])?, &y.reshape(&[-1])?, &ce)?;
+                let lv = l.item::<f32>()? as f64;
+                if !lv.is_finite() {
+                    bail!("the loss became {lv} at step {}; try a lower --lr", s + 1);
+                }
+                loss_sum += lv;
+                n += 1;
+                if a.accumulate > 1 {
+                    l.div_scalar(a.accumulate as f64)?.backward()?;
+                } else {
+                    l.backward()?;
+                }
+            }
+            if clip > 0.0 {
+                clip_grad_norm(opt.params(), clip)?;
+            }
+            opt.step()?;
+            opt.zero_grad();
+            pb.inc(1);
+            pb.set_message(format!(
+                "loss {:.4} {:.0} tok/s",
+                loss_sum / n as f64,
+                (n * batch * seq) as f64 / t0.elapsed().as_secs_f64()
+            ));
+        }
+        pb.finish_and_clear();
+        let secs = t0.elapsed().as_secs_f64();
+        let tps = (n * batch * seq) as f64 / secs;
+        step = chunk_end;
+        let val = mean_loss(model, &splits.val, &val_starts, seq, batch)?;
+        let train_loss = loss_sum / n as f64;
+        println!(
+            "step {step:>6}/{steps}  train loss {train_loss:.4}  val loss {val:.4} ({:.3} bits/char)  lr {:.2e}  {tps:.0} tok/s  {:.0}s",
+            val / std::f64::consts::LN_2,
+            opt.lr(),
+            t_run.elapsed().as_secs_f64()
+        );
+        metrics.push_str(&format!(
+            "{step},{train_loss:.6},{val:.6},{:.6e},{secs:.3},{tps:.1}\n",
+            opt.lr()
+        ));
+        let meta = HashMap::from([
+            ("nerve.model".to_string(), a.model.name().to_string()),
+            ("nerve.data".to_string(), data_name.clone()),
+            ("nerve.config".to_string(), config.to_string()),
+            ("nerve.vocab".to_string(), tok.vocab()),
+            ("nerve.seq_len".to_string(), seq.to_string()),
+            ("nerve.seed".to_string(), a.seed.to_string()),
+            ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
+            ("nerve.step".to_string(), step.to_string()),
+            ("nerve.val_loss".to_string(), val.to_string()),
+        ]);
+        // The optimizer first, the model last: an interruption in between leaves files of two
+        // steps, which --resume detects by their step tags.
+        let ometa = HashMap::from([("nerve.step".to_string(), step.to_string())]);
+        save_optimizer(opt.as_ref(), &opt_file, &ometa)?;
+        write_atomic(&metrics_file, metrics.as_bytes())?;
+        save_model(net, &model_file, &meta)?;
+    }
+    let prompt = tok.encode("\n").unwrap_or_else(|_| vec![0]);
+    let sample = model.generate(&prompt, 300, 0.8, 40)?;
+    println!(
+        "sample (temperature 0.8, top-k 40):\n{}",
+        tok.decode(&sample)?
+    );
+    println!("checkpoint {}", model_file.display());
+    Ok(())
+}
+
+/// A language model and its tokenizer, rebuilt from a run checkpoint.
+fn load_run(
+    file: &Path,
+    meta: &HashMap<String, String>,
+) -> Result<(Box<dyn LanguageModel>, CharTokenizer)> {
+    let kind = checkpoint_kind(meta, file)?;
+    let tok = CharTokenizer::from_vocab(meta_get(meta, "nerve.vocab", file)?)
+        .with_context(|| format!("{}: bad nerve.vocab", file.display()))?;
+    let config = stored_config(meta, file)?;
+    let (model, _) = models::build_lm(kind, tok.len(), Some(&config))
+        .with_context(|| format!("{}: the stored config", file.display()))?;
+    load_model(model.as_ref() as &dyn Module, file)?;
+    Ok((model, tok))
+}
+
+/// `nerve eval` of a language-model checkpoint: the loss on every window of the held-out text.
+pub fn eval(
+    file: &Path,
+    meta: &HashMap<String, String>,
+    data: Option<&str>,
+    data_dir: Option<&Path>,
+    batch: usize,
+) -> Result<()> {
+    let (model, tok) = load_run(file, meta)?;
+    let spec = data.map_or_else(
+        || meta_get(meta, "nerve.data", file).map(str::to_string),
+        |d| Ok(d.to_string()),
+    )?;
+    let text = load_corpus(&spec, data_dir)?;
+    let frac: f64 = meta_get(meta, "nerve.val_fraction", file)?.parse()?;
+    let seq: usize = meta_get(meta, "nerve.seq_len", file)?.parse()?;
+    let splits = TextSplits::new(tok.encode(&text)?, frac);
+    // Every non-overlapping window of the held-out part.
+    let n = (splits.val.len() - 1) / seq;
+    let starts: Vec<usize> = (0..n).map(|i| i * seq).collect();
+    let t0 = Instant::now();
+    let l = mean_loss(model.as_ref(), &splits.val, &starts, seq, batch.min(64))?;
+    println!(
+        "{} on {spec} (held-out {} characters, {n} windows of {seq}): loss {l:.4} nats/char ({:.3} bits/char), {:.1}s",
+        file.display(),
+        splits.val.len(),
+        l / std::f64::consts::LN_2,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Arguments of `nerve generate`.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A run folder written by `nerve train --model lstm|gru|gpt`, or its model.safetensors.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Text to continue (characters of the training text only).
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    /// New characters to generate.
+    #[arg(long, default_value_t = 500)]
+    tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample from the k most likely characters (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `nerve generate`: continue a prompt with a trained language model.
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    if a.prompt.is_empty() {
+        bail!("--prompt is empty; give at least one character to continue");
+    }
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!(
+            "--temperature must be a finite number ≥ 0, got {}",
+            a.temperature
+        );
+    }
+    let file = checkpoint_file(&a.checkpoint);
+    let (_, meta) = load_safetensors(&file)?;
+    if !checkpoint_kind(&meta, &file)?.is_lm() {
+        bail!(
+            "{}: not a language model; `nerve generate` needs --model lstm, gru or gpt",
+            file.display()
+        );
+    }
+    let (model, tok) = load_run(&file, &meta)?;
+    let prompt = tok
+        .encode(&a.prompt)
+        .with_context(|| format!("--prompt {:?}", a.prompt))?;
+    nerve_core::manual_seed(a.seed);
+    let t0 = Instant::now();
+    let out = model.generate(&prompt, a.tokens, a.temperature, a.top_k)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("{}", tok.decode(&out)?);
+    eprintln!(
+        "({} characters in {secs:.2}s, {:.0} characters/s)",
+        a.tokens,
+        a.tokens as f64 / secs
+    );
+    Ok(())
+}
