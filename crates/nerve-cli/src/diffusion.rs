@@ -13,11 +13,10 @@ use nerve_data::DataLoader;
 use nerve_models::ddpm::{ddpm_loss, sample_ddim, sample_ddpm, DdpmSchedule, SampleOptions};
 use nerve_models::{UNet, UNetConfig};
 use nerve_nn::checkpoint::{load_safetensors, write_atomic};
-use nerve_nn::{
-    clip_grad_norm, load_model, load_optimizer, save_model, save_optimizer, Module, ModuleExt,
-};
+use nerve_nn::{clip_grad_norm, load_model, Module, ModuleExt};
 
 use crate::models::config_from;
+use crate::run::StepRun;
 use crate::{checkpoint_file, checkpoint_kind, meta_get, progress_bar, stored_config, TrainArgs};
 
 /// Probability that a training label is replaced by the null class (classifier-free
@@ -67,28 +66,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let steps = a.steps.unwrap_or(5000);
     let clip = a.clip_grad_norm.unwrap_or(1.0);
     let out = a.out();
-    let model_file = out.join("model.safetensors");
-    let opt_file = out.join("optimizer.safetensors");
-    let metrics_file = out.join("metrics.csv");
     let mut opt = crate::make_optimizer(a, net.parameters());
-    let mut metrics = String::from("step,train_loss,lr,seconds,samples_per_s\n");
+    let mut run = StepRun::new(&out, "step,train_loss,lr,seconds,samples_per_s");
     let mut start = 0usize;
     if a.resume {
-        let meta = load_model(net, &model_file)?;
-        let ometa = load_optimizer(opt.as_mut(), &opt_file)?;
-        let step = meta_get(&meta, "nerve.step", &model_file)?;
-        if ometa.get("nerve.step").map(String::as_str) != Some(step) {
-            bail!(
-                "{} (step {step}) and {} are from different steps; the run was interrupted while saving",
-                model_file.display(),
-                opt_file.display()
-            );
-        }
-        start = step
-            .parse()
-            .with_context(|| format!("{}: bad nerve.step", model_file.display()))?;
-        metrics = std::fs::read_to_string(&metrics_file).unwrap_or(metrics);
-        println!("resuming {} from step {start}", model_file.display());
+        start = run.resume(net, opt.as_mut())?.0;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     write_atomic(
@@ -169,7 +151,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             (n * batch) as f64 / secs,
             t_run.elapsed().as_secs_f64()
         );
-        metrics.push_str(&format!(
+        run.metrics.push_str(&format!(
             "{step},{train_loss:.6},{:.6e},{secs:.3},{:.1}\n",
             opt.lr(),
             (n * batch) as f64 / secs
@@ -179,12 +161,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             ("nerve.data".to_string(), data_name.clone()),
             ("nerve.config".to_string(), config.to_string()),
             ("nerve.seed".to_string(), a.seed.to_string()),
-            ("nerve.step".to_string(), step.to_string()),
         ]);
-        let ometa = HashMap::from([("nerve.step".to_string(), step.to_string())]);
-        save_optimizer(opt.as_ref(), &opt_file, &ometa)?;
-        write_atomic(&metrics_file, metrics.as_bytes())?;
-        save_model(net, &model_file, &meta)?;
+        run.save(net, opt.as_ref(), step, meta)?;
         // One sample of each class (DDIM, 25 steps), so the run can be watched.
         let labels: Vec<i64> = (0..classes as i64).collect();
         let mut g = Generator::new(a.seed);
@@ -203,7 +181,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     }
     println!(
         "checkpoint {}; samples {}",
-        model_file.display(),
+        run.model_file.display(),
         out.join("samples.png").display()
     );
     Ok(())

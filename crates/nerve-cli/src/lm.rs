@@ -12,11 +12,10 @@ use nerve_data::{CharTokenizer, TextSplits};
 use nerve_models::LanguageModel;
 use nerve_nn::checkpoint::{load_safetensors, write_atomic};
 use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
-use nerve_nn::{
-    clip_grad_norm, load_model, load_optimizer, save_model, save_optimizer, Module, ModuleExt,
-};
+use nerve_nn::{clip_grad_norm, load_model, Module, ModuleExt};
 
 use crate::models::{self, ModelKind};
+use crate::run::StepRun;
 use crate::{checkpoint_file, checkpoint_kind, meta_get, progress_bar, stored_config, TrainArgs};
 
 /// The text of `--data`: `shakespeare` (from `nerve data get shakespeare`) or a file.
@@ -118,34 +117,18 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let steps = a.steps.unwrap_or(2000);
     let clip = a.clip_grad_norm.unwrap_or(1.0);
     let out = a.out();
-    let model_file = out.join("model.safetensors");
-    let opt_file = out.join("optimizer.safetensors");
-    let metrics_file = out.join("metrics.csv");
     let mut opt = crate::make_optimizer(a, net.parameters());
-    let mut metrics = String::from("step,train_loss,val_loss,lr,seconds,tokens_per_s\n");
+    let mut run = StepRun::new(&out, "step,train_loss,val_loss,lr,seconds,tokens_per_s");
     let mut start = 0usize;
     if a.resume {
-        let meta = load_model(net, &model_file)?;
-        let ometa = load_optimizer(opt.as_mut(), &opt_file)?;
-        let step = meta_get(&meta, "nerve.step", &model_file)?;
-        if ometa.get("nerve.step").map(String::as_str) != Some(step) {
-            bail!(
-                "{} (step {step}) and {} are from different steps; the run was interrupted while saving",
-                model_file.display(),
-                opt_file.display()
-            );
-        }
+        let meta;
+        (start, meta) = run.resume(net, opt.as_mut())?;
         if meta.get("nerve.vocab") != Some(&tok.vocab()) {
             bail!(
                 "{}: trained on another vocabulary than {data_name}'s",
-                model_file.display()
+                run.model_file.display()
             );
         }
-        start = step
-            .parse()
-            .with_context(|| format!("{}: bad nerve.step", model_file.display()))?;
-        metrics = std::fs::read_to_string(&metrics_file).unwrap_or(metrics);
-        println!("resuming {} from step {start}", model_file.display());
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     write_atomic(
@@ -217,7 +200,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             opt.lr(),
             t_run.elapsed().as_secs_f64()
         );
-        metrics.push_str(&format!(
+        run.metrics.push_str(&format!(
             "{step},{train_loss:.6},{val:.6},{:.6e},{secs:.3},{tps:.1}\n",
             opt.lr()
         ));
@@ -229,15 +212,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             ("nerve.seq_len".to_string(), seq.to_string()),
             ("nerve.seed".to_string(), a.seed.to_string()),
             ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
-            ("nerve.step".to_string(), step.to_string()),
             ("nerve.val_loss".to_string(), val.to_string()),
         ]);
-        // The optimizer first, the model last: an interruption in between leaves files of two
-        // steps, which --resume detects by their step tags.
-        let ometa = HashMap::from([("nerve.step".to_string(), step.to_string())]);
-        save_optimizer(opt.as_ref(), &opt_file, &ometa)?;
-        write_atomic(&metrics_file, metrics.as_bytes())?;
-        save_model(net, &model_file, &meta)?;
+        run.save(net, opt.as_ref(), step, meta)?;
     }
     let prompt = tok.encode("\n").unwrap_or_else(|_| vec![0]);
     let sample = model.generate(&prompt, 300, 0.8, 40)?;
@@ -245,7 +222,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         "sample (temperature 0.8, top-k 40):\n{}",
         tok.decode(&sample)?
     );
-    println!("checkpoint {}", model_file.display());
+    println!("checkpoint {}", run.model_file.display());
     Ok(())
 }
 

@@ -7,6 +7,7 @@ mod data;
 mod diffusion;
 mod lm;
 mod models;
+mod run;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
