@@ -173,65 +173,123 @@ fn fused_ce<T: Float>(
     let sum_w: f64 = (0..c).map(&wc).sum();
     let x = rows.detach().contiguous()?;
     let mut losses = vec![T::ZERO; n];
-    let mut denom = 0.0;
-    x.with_data::<T, _>(|xs| {
-        for i in 0..n {
-            let y = t[i];
-            if y == opts.ignore_index {
-                continue;
-            }
-            let y = y as usize;
-            let row = &xs[i * c..(i + 1) * c];
-            let m = row
-                .iter()
-                .fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-            let lse = row.iter().map(|&v| (v - m).exp()).sum::<T>().ln() + m;
-            let wy = wc(y);
-            let mut l = wy * (1.0 - eps) * (lse - row[y]).to_f64();
-            if eps > 0.0 {
-                let s: f64 = (0..c).map(|k| wc(k) * (lse - row[k]).to_f64()).sum();
-                l += eps / c as f64 * s;
-            }
-            losses[i] = T::from_f64(l);
-            denom += wy;
-        }
-    })?;
+    let denom: f64 = t
+        .iter()
+        .filter(|&&y| y != opts.ignore_index)
+        .map(|&y| wc(y as usize))
+        .sum();
     let ignore = opts.ignore_index;
+    x.with_data::<T, _>(|xs| {
+        for_row_blocks(
+            n,
+            c,
+            &mut losses,
+            1,
+            #[inline(always)]
+            |i0, block| {
+                let mut e = vec![T::ZERO; c];
+                for (i, li) in (i0..).zip(block.iter_mut()) {
+                    if t[i] == ignore {
+                        continue;
+                    }
+                    let y = t[i] as usize;
+                    let row = &xs[i * c..(i + 1) * c];
+                    let (m, z) = shifted_exp(row, &mut e);
+                    let lse = z.ln() + m;
+                    let mut l = wc(y) * (1.0 - eps) * (lse - row[y]).to_f64();
+                    if eps > 0.0 {
+                        let s: f64 = (0..c).map(|k| wc(k) * (lse - row[k]).to_f64()).sum();
+                        l += eps / c as f64 * s;
+                    }
+                    *li = T::from_f64(l);
+                }
+            },
+        );
+    })?;
     let out = Tensor::from_vec(losses, [n])?;
     let out = out.attach_backward(OP, &[rows], move |g| {
         // d loss_i / d x_ik = g_i (S softmax_ik - coef_ik), coef_ik = w_y (1-ε) [k=y] + ε w_k / C.
         let g: Vec<T> = g.contiguous()?.to_vec()?;
         let mut dx = vec![T::ZERO; n * c];
         x.with_data::<T, _>(|xs| {
-            for i in 0..n {
-                let y = t[i];
-                if y == ignore {
-                    continue;
-                }
-                let y = y as usize;
-                let row = &xs[i * c..(i + 1) * c];
-                let m = row
-                    .iter()
-                    .fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-                let d = &mut dx[i * c..(i + 1) * c];
-                let mut z = T::ZERO;
-                for (dk, &v) in d.iter_mut().zip(row) {
-                    *dk = (v - m).exp();
-                    z += *dk;
-                }
-                let wy = wc(y);
-                let s = wy * (1.0 - eps) + eps / c as f64 * sum_w;
-                let gi = g[i].to_f64();
-                let scale = T::from_f64(gi * s) / z;
-                for (k, dk) in d.iter_mut().enumerate() {
-                    let coef = if k == y { wy * (1.0 - eps) } else { 0.0 } + eps / c as f64 * wc(k);
-                    *dk = *dk * scale - T::from_f64(gi * coef);
-                }
-            }
+            for_row_blocks(
+                n,
+                c,
+                &mut dx,
+                c,
+                #[inline(always)]
+                |i0, block| {
+                    for (i, d) in (i0..).zip(block.chunks_exact_mut(c)) {
+                        if t[i] == ignore {
+                            continue;
+                        }
+                        let y = t[i] as usize;
+                        let row = &xs[i * c..(i + 1) * c];
+                        let (_, z) = shifted_exp(row, d);
+                        let wy = wc(y);
+                        let s = wy * (1.0 - eps) + eps / c as f64 * sum_w;
+                        let gi = g[i].to_f64();
+                        let scale = T::from_f64(gi * s) / z;
+                        for dk in d.iter_mut() {
+                            *dk *= scale;
+                        }
+                        d[y] = d[y] - T::from_f64(gi * wy * (1.0 - eps));
+                        if eps > 0.0 {
+                            for (k, dk) in d.iter_mut().enumerate() {
+                                *dk = *dk - T::from_f64(gi * eps / c as f64 * wc(k));
+                            }
+                        }
+                    }
+                },
+            );
         })?;
         Ok(vec![Some(Tensor::from_vec(dx, [n, c])?)])
     });
     Ok((out, denom))
+}
+
+/// The row's maximum `m` and `Σ exp(row - m)`, with `e` (as long as the row) receiving
+/// `exp(row - m)`. Plain loops over slices, so that inside
+/// [`nerve_core::kernels::with_simd`] the exponentials vectorise.
+#[inline(always)]
+fn shifted_exp<T: Float>(row: &[T], e: &mut [T]) -> (T, T) {
+    let e = &mut e[..row.len()];
+    let m = row.iter().fold(T::NEG_INFINITY, |a, &b| a.max(b));
+    for (ek, &v) in e.iter_mut().zip(row) {
+        *ek = (v - m).exp();
+    }
+    (m, e.iter().copied().sum::<T>())
+}
+
+/// Run `f(first_row, block)` over blocks of `out`, which holds `per_row` values for each of
+/// the `n` rows of width `c`: in parallel when the rows are many, each block under
+/// [`nerve_core::kernels::with_simd`].
+fn for_row_blocks<T: Float>(
+    n: usize,
+    c: usize,
+    out: &mut [T],
+    per_row: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    use rayon::prelude::*;
+    let run = |i0: usize, block: &mut [T]| {
+        nerve_core::kernels::with_simd(
+            #[inline(always)]
+            || f(i0, block),
+        )
+    };
+    // An exponential costs about as much as ten element-wise operations.
+    let threads = nerve_core::num_threads();
+    if threads > 1 && n * c * 8 >= nerve_core::threading::par_elemwise_min() {
+        let rows = n.div_ceil(threads * 4);
+        nerve_core::threading::install(|| {
+            out.par_chunks_mut(rows * per_row)
+                .enumerate()
+                .for_each(|(b, block)| run(b * rows, block))
+        });
+    } else {
+        run(0, out);
+    }
 }
 
 /// Cross-entropy with probability targets shaped like the logits.

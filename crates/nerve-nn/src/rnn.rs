@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nerve_core::kernels::rnn::{lstm_backward, lstm_forward, LstmDims};
 use nerve_core::{DType, Error, Float, Result, Tensor};
 
 use crate::init;
@@ -357,68 +358,6 @@ fn sigmoid<T: Float>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
 }
 
-/// One batch row of an LSTM step: gates from the pre-activations `x + hp` (`[4H]`, gates
-/// i, f, g, o), the cell `c` and output `h` (`[H]`) updated in place; the gates and tanh(c)
-/// saved for the backward pass. Written over contiguous gate blocks so it vectorises.
-#[inline(always)]
-fn lstm_gates_row<T: Float>(
-    x: &[T],
-    hp: &[T],
-    c: &mut [T],
-    h: &mut [T],
-    gates: &mut [T],
-    tc: &mut [T],
-) {
-    let hs = c.len();
-    let (gi, rest) = gates.split_at_mut(hs);
-    let (gf, rest) = rest.split_at_mut(hs);
-    let (gg, go) = rest.split_at_mut(hs);
-    for j in 0..hs {
-        let i = sigmoid(x[j] + hp[j]);
-        let f = sigmoid(x[hs + j] + hp[hs + j]);
-        let g = Float::tanh(x[2 * hs + j] + hp[2 * hs + j]);
-        let o = sigmoid(x[3 * hs + j] + hp[3 * hs + j]);
-        let cn = f * c[j] + i * g;
-        let t = Float::tanh(cn);
-        (gi[j], gf[j], gg[j], go[j]) = (i, f, g, o);
-        c[j] = cn;
-        tc[j] = t;
-        h[j] = o * t;
-    }
-}
-
-/// One batch row of the LSTM backward step: from the saved gates, tanh(c) and previous
-/// cell `cp`, the output gradient `gh` plus the carried `dh`, and the carried `dc` (updated
-/// in place to the previous step's), the pre-activation gradients `da` `[4H]`.
-#[inline(always)]
-fn lstm_grads_row<T: Float>(
-    gates: &[T],
-    tc: &[T],
-    cp: &[T],
-    gh: &[T],
-    dh: &[T],
-    dc: &mut [T],
-    da: &mut [T],
-) {
-    let hs = tc.len();
-    let (gi, rest) = gates.split_at(hs);
-    let (gf, rest) = rest.split_at(hs);
-    let (gg, go) = rest.split_at(hs);
-    let (di, rest) = da.split_at_mut(hs);
-    let (df, rest) = rest.split_at_mut(hs);
-    let (dg, dout) = rest.split_at_mut(hs);
-    for j in 0..hs {
-        let (i, f, g, o, t) = (gi[j], gf[j], gg[j], go[j], tc[j]);
-        let d_h = gh[j] + dh[j];
-        let dct = dc[j] + d_h * o * (T::ONE - t * t);
-        di[j] = dct * g * i * (T::ONE - i);
-        df[j] = dct * cp[j] * f * (T::ONE - f);
-        dg[j] = dct * i * (T::ONE - g * g);
-        dout[j] = d_h * t * o * (T::ONE - o);
-        dc[j] = dct * f;
-    }
-}
-
 /// The fused LSTM cell: pre-activations `a` `[B, 4H]` (gates i, f, g, o) and `c` `[B, H]` →
 /// `[B, 2H]` holding the new `h` then the new `c`.
 pub fn lstm_cell(a: &Tensor, c: &Tensor) -> Result<Tensor> {
@@ -493,89 +432,53 @@ pub fn lstm_sequence(
     {
         return Err(Error::shape_mismatch(OP, xp.dims(), w_hh.dims()));
     }
+    let dims = LstmDims {
+        steps: t_len,
+        batch: b,
+        hidden: hs,
+    };
     float_body!(OP, xp, T => {
         let xv: Vec<T> = xp.contiguous()?.to_vec()?;
-        let w_t = w_hh.detach().t()?.contiguous()?; // [H, 4H], packed fast by the GEMM
-        let w = w_hh.detach(); // [4H, H]
-        let mut h: Vec<T> = h0.contiguous()?.to_vec()?;
+        let w: Vec<T> = w_hh.contiguous()?.to_vec()?;
+        let h0v: Vec<T> = h0.contiguous()?.to_vec()?;
         let mut c: Vec<T> = c0.contiguous()?.to_vec()?;
-        let (bh, bh4) = (b * hs, b * h4);
+        let bh = b * hs;
         let mut packed = vec![0.0 as T; (t_len + 2) * bh];
-        // Saved per step (by time index): the gates i, f, g, o (laid out like the
-        // pre-activations), tanh(c) and the previous h and c.
-        let mut gates = vec![0.0 as T; t_len * bh4];
-        let mut tcs = vec![0.0 as T; t_len * bh];
+        let tape = lstm_forward(dims, reverse, &xv, &w, &h0v, &mut c, &mut packed[..t_len * bh]);
+        // The h each step started from, by time index (for dW_hh = Σ_t da_tᵀ h_prev_t).
         let mut h_prev = vec![0.0 as T; t_len * bh];
-        let mut c_prev = vec![0.0 as T; t_len * bh];
-        nerve_core::no_grad(|| -> Result<()> {
-            for step in 0..t_len {
-                let t = if reverse { t_len - 1 - step } else { step };
-                h_prev[t * bh..(t + 1) * bh].copy_from_slice(&h);
-                c_prev[t * bh..(t + 1) * bh].copy_from_slice(&c);
-                let hp: Vec<T> = Tensor::from_vec(h.clone(), [b, hs])?.matmul(&w_t)?.to_vec()?;
-                let g_t = &mut gates[t * bh4..(t + 1) * bh4];
-                let tc_t = &mut tcs[t * bh..(t + 1) * bh];
-                let out_t = &mut packed[t * bh..(t + 1) * bh];
-                let x_t = &xv[t * bh4..(t + 1) * bh4];
-                nerve_core::kernels::with_simd(
-                    #[inline(always)]
-                    || {
-                        for r in 0..b {
-                            lstm_gates_row(
-                                &x_t[r * h4..(r + 1) * h4],
-                                &hp[r * h4..(r + 1) * h4],
-                                &mut c[r * hs..(r + 1) * hs],
-                                &mut h[r * hs..(r + 1) * hs],
-                                &mut g_t[r * h4..(r + 1) * h4],
-                                &mut tc_t[r * hs..(r + 1) * hs],
-                            );
-                        }
-                    },
-                );
-                out_t.copy_from_slice(&h);
-            }
-            Ok(())
-        })?;
-        packed[t_len * bh..(t_len + 1) * bh].copy_from_slice(&h);
+        for step in 0..t_len {
+            let t = if reverse { t_len - 1 - step } else { step };
+            let src = match step.checked_sub(1) {
+                None => &h0v[..],
+                Some(s) => {
+                    let tp = if reverse { t_len - 1 - s } else { s };
+                    &packed[tp * bh..(tp + 1) * bh]
+                }
+            };
+            h_prev[t * bh..(t + 1) * bh].copy_from_slice(src);
+        }
+        let last = if reverse { 0 } else { t_len.saturating_sub(1) };
+        if t_len > 0 {
+            packed.copy_within(last * bh..(last + 1) * bh, t_len * bh);
+        } else {
+            packed[..bh].copy_from_slice(&h0v);
+        }
         packed[(t_len + 1) * bh..].copy_from_slice(&c);
         let out = Tensor::from_vec(packed, [t_len + 2, b, hs])?;
         Ok(out.attach_backward(OP, &[xp, h0, c0, w_hh], move |grad| {
             nerve_core::no_grad(|| {
                 let gv: Vec<T> = grad.contiguous()?.to_vec()?;
-                let mut dh_next: Vec<T> = gv[t_len * bh..(t_len + 1) * bh].to_vec();
-                let mut dc_next: Vec<T> = gv[(t_len + 1) * bh..].to_vec();
-                let mut da_all = vec![0.0 as T; t_len * bh4];
-                for step in (0..t_len).rev() {
-                    let t = if reverse { t_len - 1 - step } else { step };
-                    let da = &mut da_all[t * bh4..(t + 1) * bh4];
-                    let (g_t, tc_t) = (&gates[t * bh4..(t + 1) * bh4], &tcs[t * bh..(t + 1) * bh]);
-                    let (gv_t, cp_t) = (&gv[t * bh..(t + 1) * bh], &c_prev[t * bh..(t + 1) * bh]);
-                    nerve_core::kernels::with_simd(
-                        #[inline(always)]
-                        || {
-                            for r in 0..b {
-                                let rows = r * hs..(r + 1) * hs;
-                                lstm_grads_row(
-                                    &g_t[r * h4..(r + 1) * h4],
-                                    &tc_t[rows.clone()],
-                                    &cp_t[rows.clone()],
-                                    &gv_t[rows.clone()],
-                                    &dh_next[rows.clone()],
-                                    &mut dc_next[rows],
-                                    &mut da[r * h4..(r + 1) * h4],
-                                );
-                            }
-                        },
-                    );
-                    dh_next = Tensor::from_vec(da.to_vec(), [b, h4])?.matmul(&w)?.to_vec()?;
-                }
-                let da = Tensor::from_vec(da_all, [t_len * b, h4])?;
+                let mut dh: Vec<T> = gv[t_len * bh..(t_len + 1) * bh].to_vec();
+                let mut dc: Vec<T> = gv[(t_len + 1) * bh..].to_vec();
+                let da = lstm_backward(dims, reverse, &tape, &w, &gv[..t_len * bh], &mut dh, &mut dc);
+                let da = Tensor::from_vec(da, [t_len * b, 4 * hs])?;
                 let hp = Tensor::from_vec(h_prev.clone(), [t_len * b, hs])?;
                 let dw = da.t()?.matmul(&hp)?;
                 Ok(vec![
-                    Some(da.reshape(&[t_len as isize, b as isize, h4 as isize])?),
-                    Some(Tensor::from_vec(dh_next, [b, hs])?),
-                    Some(Tensor::from_vec(dc_next, [b, hs])?),
+                    Some(da.reshape(&[t_len as isize, b as isize, 4 * hs as isize])?),
+                    Some(Tensor::from_vec(dh, [b, hs])?),
+                    Some(Tensor::from_vec(dc, [b, hs])?),
                     Some(dw),
                 ])
             })

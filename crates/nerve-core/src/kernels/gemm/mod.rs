@@ -460,6 +460,119 @@ unsafe fn blocked<T: GemmFloat>(
     }
 }
 
+/// A right-hand matrix packed once into the micro-kernel's column panels, for products that
+/// reuse it: an RNN multiplies its recurrent weight by a new `h` at every time step, and
+/// packing that weight once per sequence instead of once per step also keeps it in each
+/// thread's cache across steps.
+pub struct PackedB<T: GemmFloat> {
+    kern: MicroKernel<T>,
+    k: usize,
+    n: usize,
+    /// `KC`-deep blocks, each holding every `NR`-column panel of those rows.
+    data: Vec<T>,
+}
+
+impl<T: GemmFloat> PackedB<T> {
+    /// Pack the `k × n` matrix whose element `(p, j)` is `f(p, j)`, for products with `m`
+    /// rows (which picks the micro-kernel).
+    pub fn from_fn(m: usize, k: usize, n: usize, f: impl Fn(usize, usize) -> T) -> Self {
+        let kern = T::kernel_for(m);
+        let nr = kern.nr;
+        let kc_max = KC_BYTES / std::mem::size_of::<T>();
+        let panels = n.div_ceil(nr);
+        let mut data = vec![T::ZERO; panels * nr * k];
+        for pc in (0..k).step_by(kc_max) {
+            let kc = kc_max.min(k - pc);
+            let block = &mut data[pc * panels * nr..(pc + kc) * panels * nr];
+            for (q, panel) in block.chunks_exact_mut(nr * kc).enumerate() {
+                for (p, row) in panel.chunks_exact_mut(nr).enumerate() {
+                    for (i, v) in row.iter_mut().enumerate().take(n.saturating_sub(q * nr)) {
+                        *v = f(pc + p, q * nr + i);
+                    }
+                }
+            }
+        }
+        PackedB { kern, k, n, data }
+    }
+
+    /// Columns per panel: column ranges given to [`PackedB::mul`] start at a multiple of it.
+    pub fn nr(&self) -> usize {
+        self.kern.nr
+    }
+
+    /// `C[:, r] = A · B[:, r]` for each column range `r` in `cols`, on the calling thread, for
+    /// the `m × k` matrix `A` (any strides; `m` as given to [`PackedB::from_fn`] or fewer) and
+    /// `C` with row stride `rsc` and unit column stride. `A` is packed once for all ranges.
+    ///
+    /// # Safety
+    /// Every element of `A` must be readable and every element of `C` in the given rows and
+    /// columns writable, and no other thread may write `A` or those elements of `C` meanwhile.
+    /// Each range must start at a multiple of [`PackedB::nr`] and end at most at `n`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn mul(
+        &self,
+        m: usize,
+        a: *const T,
+        rsa: isize,
+        csa: isize,
+        c: *mut T,
+        rsc: isize,
+        cols: &[std::ops::Range<usize>],
+    ) {
+        let (kern, k) = (&self.kern, self.k);
+        let (mr, nr) = (kern.mr, kern.nr);
+        let kc_max = KC_BYTES / std::mem::size_of::<T>();
+        let panels = self.n.div_ceil(nr);
+        let a_panels = m.div_ceil(mr);
+        with_scratch::<T, _>(a_panels * mr * kc_max.min(k), |abuf| {
+            for pc in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - pc);
+                for p in 0..a_panels {
+                    // SAFETY: panel p of the buffer holds mr*kc elements; rows p*mr.. and
+                    // columns pc.. of A are readable by the caller's contract.
+                    unsafe {
+                        (kern.pack_a)(
+                            abuf.as_mut_ptr().add(p * mr * kc),
+                            mr.min(m - p * mr),
+                            kc,
+                            a.offset((p * mr) as isize * rsa + pc as isize * csa),
+                            rsa,
+                            csa,
+                        )
+                    }
+                }
+                let block = &self.data[pc * panels * nr..(pc + kc) * panels * nr];
+                let beta = if pc == 0 { T::ZERO } else { T::ONE };
+                for r in cols {
+                    debug_assert!(r.start.is_multiple_of(nr) && r.end <= self.n);
+                    for q in r.start / nr..r.end.div_ceil(nr) {
+                        let width = nr.min(r.end - q * nr);
+                        for p in 0..a_panels {
+                            // SAFETY: the packed panels hold kc*mr and kc*nr elements; the
+                            // tile's rows and columns are writable by the caller's contract.
+                            unsafe {
+                                tile_update(
+                                    kern,
+                                    kc,
+                                    abuf.as_ptr().add(p * mr * kc),
+                                    block.as_ptr().add(q * nr * kc),
+                                    c.offset((p * mr) as isize * rsc + (q * nr) as isize),
+                                    mr.min(m - p * mr),
+                                    width,
+                                    rsc,
+                                    1,
+                                    T::ONE,
+                                    beta,
+                                )
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// Run `f(i)` for `i in 0..n`, spread over `threads` threads when more than one.
 fn run_parts(threads: usize, n: usize, f: impl Fn(usize) + Sync) {
     if threads > 1 && n > 1 {

@@ -1,0 +1,536 @@
+//! Fused LSTM time loops, forward and backward.
+//!
+//! Each time step is one fork-join. Every thread owns a range of hidden units: it multiplies
+//! the previous `h` by its columns of the recurrent weight (packed once per sequence, see
+//! [`PackedB`], so the weight stays in the thread's cache from step to step) and applies the
+//! cell to its units right away. The step's GEMM and its gate math need no barrier between
+//! them, and the next step starts when every thread has written its part of `h`.
+//!
+//! Layouts (row-major): pre-activations and gates `[T, B, 4H]` with the gates i, f, g, o in
+//! contiguous blocks of `H` (PyTorch's order), states `[T, B, H]` or `[B, H]`, the recurrent
+//! weight `W_hh` `[4H, H]` as PyTorch stores it.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::gemm::{GemmFloat, PackedB, GEMM_PAR_MIN};
+use super::{with_simd, SendPtr};
+use crate::dtype::Float;
+use crate::threading::{install, num_threads};
+
+/// Sizes of one LSTM layer-direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LstmDims {
+    /// Time steps `T`.
+    pub steps: usize,
+    /// Batch rows `B`.
+    pub batch: usize,
+    /// Hidden units `H`.
+    pub hidden: usize,
+}
+
+/// What [`lstm_forward`] keeps for [`lstm_backward`].
+pub struct LstmTape<T> {
+    /// The gates after their activations, `[T, B, 4H]`.
+    pub gates: Vec<T>,
+    /// tanh of each step's new cell, `[T, B, H]`.
+    pub tanh_c: Vec<T>,
+    /// The cell before each step, `[T, B, H]`.
+    pub c_prev: Vec<T>,
+}
+
+#[inline(always)]
+fn sigmoid<T: Float>(x: T) -> T {
+    T::ONE / (T::ONE + (-x).exp())
+}
+
+/// The time index of the `step`-th step processed.
+fn time(dims: LstmDims, reverse: bool, step: usize) -> usize {
+    if reverse {
+        dims.steps - 1 - step
+    } else {
+        step
+    }
+}
+
+/// Hidden-unit ranges, one per thread, starting at multiples of `nr`.
+fn unit_parts(dims: LstmDims, nr: usize) -> Vec<Range<usize>> {
+    let hs = dims.hidden;
+    let chunks = hs.div_ceil(nr).max(1);
+    let parts = if dims.batch * 4 * hs * hs >= GEMM_PAR_MIN {
+        num_threads().min(chunks)
+    } else {
+        1
+    };
+    (0..parts)
+        .map(|p| (p * chunks / parts * nr).min(hs)..((p + 1) * chunks / parts * nr).min(hs))
+        .collect()
+}
+
+/// Run `f` on every part, in parallel when there are several (inside the kernel pool).
+fn for_parts(parts: &[Range<usize>], f: impl Fn(Range<usize>) + Sync) {
+    if parts.len() > 1 {
+        parts.par_iter().for_each(|r| f(r.clone()));
+    } else {
+        f(parts[0].clone());
+    }
+}
+
+/// `n` elements at `p`, as a shared slice.
+///
+/// # Safety
+/// The elements must be initialised and not written by anyone while the slice lives.
+#[inline(always)]
+unsafe fn view<'a, T>(p: *const T, n: usize) -> &'a [T] {
+    // SAFETY: forwarded contract.
+    unsafe { std::slice::from_raw_parts(p, n) }
+}
+
+/// `n` elements at `p`, as an exclusive slice.
+///
+/// # Safety
+/// The elements must be initialised and touched by no one else while the slice lives.
+#[inline(always)]
+unsafe fn view_mut<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
+    // SAFETY: forwarded contract.
+    unsafe { std::slice::from_raw_parts_mut(p, n) }
+}
+
+/// One row's units of a forward step: gates from the pre-activations `x + hp`, the cell `c`
+/// updated in place (its old value saved in `c_prev`), `h` written.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cell_forward<T: Float>(
+    x: [&[T]; 4],
+    hp: [&[T]; 4],
+    c: &mut [T],
+    c_prev: &mut [T],
+    gates: [&mut [T]; 4],
+    tanh_c: &mut [T],
+    h: &mut [T],
+) {
+    let n = c.len();
+    let (xi, xf, xg, xo) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let (pi, pf, pg, po) = (&hp[0][..n], &hp[1][..n], &hp[2][..n], &hp[3][..n]);
+    let [gi, gf, gg, go] = gates;
+    let (gi, gf, gg, go) = (&mut gi[..n], &mut gf[..n], &mut gg[..n], &mut go[..n]);
+    let (c_prev, tanh_c, h) = (&mut c_prev[..n], &mut tanh_c[..n], &mut h[..n]);
+    for j in 0..n {
+        let i = sigmoid(xi[j] + pi[j]);
+        let f = sigmoid(xf[j] + pf[j]);
+        let g = (xg[j] + pg[j]).tanh();
+        let o = sigmoid(xo[j] + po[j]);
+        let cp = c[j];
+        let cn = f * cp + i * g;
+        let t = cn.tanh();
+        (gi[j], gf[j], gg[j], go[j]) = (i, f, g, o);
+        c_prev[j] = cp;
+        c[j] = cn;
+        tanh_c[j] = t;
+        h[j] = o * t;
+    }
+}
+
+/// One row's units of a backward step: from the saved gates, tanh(c) and previous cell, the
+/// output gradient `gh` plus the recurrent `dh`, and the carried `dc` (updated in place to the
+/// previous step's), the pre-activation gradients `da`.
+#[inline(always)]
+fn cell_backward<T: Float>(
+    gates: [&[T]; 4],
+    tanh_c: &[T],
+    c_prev: &[T],
+    gh: &[T],
+    dh: &[T],
+    dc: &mut [T],
+    da: [&mut [T]; 4],
+) {
+    let n = dc.len();
+    let (gi, gf, gg, go) = (
+        &gates[0][..n],
+        &gates[1][..n],
+        &gates[2][..n],
+        &gates[3][..n],
+    );
+    let (tanh_c, c_prev, gh, dh) = (&tanh_c[..n], &c_prev[..n], &gh[..n], &dh[..n]);
+    let [di, df, dg, dout] = da;
+    let (di, df, dg, dout) = (&mut di[..n], &mut df[..n], &mut dg[..n], &mut dout[..n]);
+    for j in 0..n {
+        let (i, f, g, o, t) = (gi[j], gf[j], gg[j], go[j], tanh_c[j]);
+        let d_h = gh[j] + dh[j];
+        let dct = dc[j] + d_h * o * (T::ONE - t * t);
+        di[j] = dct * g * i * (T::ONE - i);
+        df[j] = dct * c_prev[j] * f * (T::ONE - f);
+        dg[j] = dct * i * (T::ONE - g * g);
+        dout[j] = d_h * t * o * (T::ONE - o);
+        dc[j] = dct * f;
+    }
+}
+
+/// The forward time loop: from the pre-activations `xp` `[T, B, 4H]` (input projection plus
+/// both biases), `W_hh` `[4H, H]`, `h0` `[B, H]` and the cell `c` `[B, H]` (the initial cell
+/// in, the final cell out), writes every step's `h` to `out` `[T, B, H]` (in time order; with
+/// `reverse` the steps run from the last time index to the first) and returns the tape.
+///
+/// # Panics
+/// If a slice's length does not match `dims`.
+pub fn lstm_forward<T: GemmFloat>(
+    dims: LstmDims,
+    reverse: bool,
+    xp: &[T],
+    w_hh: &[T],
+    h0: &[T],
+    c: &mut [T],
+    out: &mut [T],
+) -> LstmTape<T> {
+    let LstmDims {
+        steps,
+        batch: b,
+        hidden: hs,
+    } = dims;
+    let (h4, bh) = (4 * hs, b * hs);
+    assert!(
+        xp.len() == steps * b * h4 && w_hh.len() == h4 * hs,
+        "lstm_forward: sizes"
+    );
+    assert!(
+        h0.len() == bh && c.len() == bh && out.len() == steps * bh,
+        "lstm_forward: sizes"
+    );
+    let mut tape = LstmTape {
+        gates: vec![T::ZERO; steps * b * h4],
+        tanh_c: vec![T::ZERO; steps * bh],
+        c_prev: vec![T::ZERO; steps * bh],
+    };
+    if steps == 0 || bh == 0 {
+        return tape;
+    }
+    // hWᵀ's columns with each gate's block padded to whole panels, so that every thread's
+    // units start a panel in all four blocks.
+    let nr = T::kernel_for(b).nr;
+    let hsp = hs.next_multiple_of(nr);
+    let packed = PackedB::from_fn(b, hs, 4 * hsp, |p, col| {
+        let (g, j) = (col / hsp, col % hsp);
+        if j < hs {
+            w_hh[(g * hs + j) * hs + p]
+        } else {
+            T::ZERO
+        }
+    });
+    let mut hp = vec![T::ZERO; b * 4 * hsp];
+    let parts = unit_parts(dims, nr);
+    let hp_p = SendPtr(hp.as_mut_ptr());
+    let out_p = SendPtr(out.as_mut_ptr());
+    let c_p = SendPtr(c.as_mut_ptr());
+    let g_p = SendPtr(tape.gates.as_mut_ptr());
+    let tc_p = SendPtr(tape.tanh_c.as_mut_ptr());
+    let cp_p = SendPtr(tape.c_prev.as_mut_ptr());
+    let h0_p = SendPtr(h0.as_ptr() as *mut T);
+    install(|| {
+        for step in 0..steps {
+            let t = time(dims, reverse, step);
+            let h_in = if step == 0 {
+                h0_p
+            } else {
+                // SAFETY: the previous step's outputs lie inside `out`.
+                SendPtr(unsafe { out_p.get().add(time(dims, reverse, step - 1) * bh) })
+            };
+            for_parts(&parts, |units| {
+                let (lo, n) = (units.start, units.len());
+                let cols: Vec<Range<usize>> =
+                    (0..4).map(|g| g * hsp + lo..g * hsp + units.end).collect();
+                // SAFETY: `h_in` (b×hs) was completed by the previous fork-join and is only
+                // read now; this thread writes only its own columns of `hp`.
+                unsafe {
+                    packed.mul(
+                        b,
+                        h_in.get(),
+                        hs as isize,
+                        1,
+                        hp_p.get(),
+                        (4 * hsp) as isize,
+                        &cols,
+                    )
+                };
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        for r in 0..b {
+                            let xrow = &xp[(t * b + r) * h4..(t * b + r + 1) * h4];
+                            let (row, grow) = ((t * b + r) * hs + lo, (t * b + r) * h4 + lo);
+                            // SAFETY: every slice is this thread's units of one row (disjoint
+                            // from the other threads'), inside its buffer; `hp`'s were written
+                            // by this thread just above.
+                            unsafe {
+                                cell_forward(
+                                    [0, 1, 2, 3].map(|g| &xrow[g * hs + lo..g * hs + lo + n]),
+                                    [0, 1, 2, 3].map(|g| {
+                                        view(hp_p.get().add(r * 4 * hsp + g * hsp + lo), n)
+                                    }),
+                                    view_mut(c_p.get().add(r * hs + lo), n),
+                                    view_mut(cp_p.get().add(row), n),
+                                    [0, 1, 2, 3].map(|g| view_mut(g_p.get().add(grow + g * hs), n)),
+                                    view_mut(tc_p.get().add(row), n),
+                                    view_mut(out_p.get().add(row), n),
+                                )
+                            }
+                        }
+                    },
+                );
+            });
+        }
+    });
+    tape
+}
+
+/// The backward time loop of [`lstm_forward`]: from the tape, `W_hh`, the gradient of every
+/// step's output `gout` `[T, B, H]`, and the gradients of the final `h` and `c` (`dh`, `dc`
+/// `[B, H]`, replaced by those of `h0` and `c0`), returns the gradient of the
+/// pre-activations `[T, B, 4H]` (which gives those of the input projection, the biases and,
+/// against the previous `h`s, of `W_hh`).
+///
+/// # Panics
+/// If a slice's length does not match `dims`.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_backward<T: GemmFloat>(
+    dims: LstmDims,
+    reverse: bool,
+    tape: &LstmTape<T>,
+    w_hh: &[T],
+    gout: &[T],
+    dh: &mut [T],
+    dc: &mut [T],
+) -> Vec<T> {
+    let LstmDims {
+        steps,
+        batch: b,
+        hidden: hs,
+    } = dims;
+    let (h4, bh) = (4 * hs, b * hs);
+    assert!(
+        w_hh.len() == h4 * hs && gout.len() == steps * bh,
+        "lstm_backward: sizes"
+    );
+    assert!(dh.len() == bh && dc.len() == bh, "lstm_backward: sizes");
+    assert!(tape.gates.len() == steps * b * h4, "lstm_backward: tape");
+    let mut da = vec![T::ZERO; steps * b * h4];
+    if steps == 0 || bh == 0 {
+        return da;
+    }
+    let packed = PackedB::from_fn(b, h4, hs, |p, j| w_hh[p * hs + j]);
+    let parts = unit_parts(dims, packed.nr());
+    let da_p = SendPtr(da.as_mut_ptr());
+    let dh_p = SendPtr(dh.as_mut_ptr());
+    let dc_p = SendPtr(dc.as_mut_ptr());
+    // dh[:, units] = da[t] · W_hh[:, units]
+    let recur = |t: usize, units: &Range<usize>| {
+        // SAFETY: da[t] was completed by an earlier fork-join and is only read now; this
+        // thread writes only its own columns of dh.
+        unsafe {
+            packed.mul(
+                b,
+                da_p.get().add(t * b * h4),
+                h4 as isize,
+                1,
+                dh_p.get(),
+                hs as isize,
+                std::slice::from_ref(units),
+            )
+        }
+    };
+    install(|| {
+        for step in (0..steps).rev() {
+            let t = time(dims, reverse, step);
+            for_parts(&parts, |units| {
+                if step + 1 < steps {
+                    recur(time(dims, reverse, step + 1), &units);
+                }
+                let (lo, n) = (units.start, units.len());
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        for r in 0..b {
+                            let (row, grow) = ((t * b + r) * hs + lo, (t * b + r) * h4 + lo);
+                            let gates = &tape.gates[grow - lo..grow - lo + h4];
+                            // SAFETY: dh, dc and da[t] slices are this thread's units of one
+                            // row, disjoint from the other threads'; dh's were written by this
+                            // thread.
+                            unsafe {
+                                cell_backward(
+                                    [0, 1, 2, 3].map(|g| &gates[g * hs + lo..g * hs + lo + n]),
+                                    &tape.tanh_c[row..row + n],
+                                    &tape.c_prev[row..row + n],
+                                    &gout[row..row + n],
+                                    view(dh_p.get().add(r * hs + lo), n),
+                                    view_mut(dc_p.get().add(r * hs + lo), n),
+                                    [0, 1, 2, 3]
+                                        .map(|g| view_mut(da_p.get().add(grow + g * hs), n)),
+                                )
+                            }
+                        }
+                    },
+                );
+            });
+        }
+        let first = time(dims, reverse, 0);
+        for_parts(&parts, |units| recur(first, &units));
+    });
+    da
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook recurrence, step by step in f64.
+    fn reference(
+        dims: LstmDims,
+        reverse: bool,
+        xp: &[f64],
+        w: &[f64],
+        h0: &[f64],
+        c0: &[f64],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let LstmDims {
+            steps,
+            batch: b,
+            hidden: hs,
+        } = dims;
+        let (mut h, mut c) = (h0.to_vec(), c0.to_vec());
+        let mut out = vec![0.0; steps * b * hs];
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        for step in 0..steps {
+            let t = time(dims, reverse, step);
+            let mut hn = vec![0.0; b * hs];
+            for r in 0..b {
+                let a: Vec<f64> = (0..4 * hs)
+                    .map(|q| {
+                        xp[(t * b + r) * 4 * hs + q]
+                            + (0..hs).map(|p| h[r * hs + p] * w[q * hs + p]).sum::<f64>()
+                    })
+                    .collect();
+                for j in 0..hs {
+                    let (i, f, g, o) = (
+                        sig(a[j]),
+                        sig(a[hs + j]),
+                        a[2 * hs + j].tanh(),
+                        sig(a[3 * hs + j]),
+                    );
+                    c[r * hs + j] = f * c[r * hs + j] + i * g;
+                    hn[r * hs + j] = o * c[r * hs + j].tanh();
+                }
+            }
+            h = hn;
+            out[t * b * hs..(t + 1) * b * hs].copy_from_slice(&h);
+        }
+        (out, c)
+    }
+
+    fn values(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+        let mut g = crate::Generator::new(seed);
+        (0..n).map(|_| (g.next_f64() * 2.0 - 1.0) * scale).collect()
+    }
+
+    #[test]
+    fn forward_matches_the_recurrence_serial_and_parallel() {
+        // 130 units: not a multiple of any panel width; 40 × 4·130 × 130 multiply-adds per
+        // step: above the threshold for threads.
+        for (dims, reverse) in [
+            (
+                LstmDims {
+                    steps: 5,
+                    batch: 3,
+                    hidden: 7,
+                },
+                false,
+            ),
+            (
+                LstmDims {
+                    steps: 4,
+                    batch: 40,
+                    hidden: 130,
+                },
+                true,
+            ),
+            (
+                LstmDims {
+                    steps: 3,
+                    batch: 40,
+                    hidden: 130,
+                },
+                false,
+            ),
+        ] {
+            let LstmDims {
+                steps,
+                batch: b,
+                hidden: hs,
+            } = dims;
+            let xp = values(steps * b * 4 * hs, 1, 1.0);
+            let w = values(4 * hs * hs, 2, 0.3);
+            let (h0, c0) = (values(b * hs, 3, 0.5), values(b * hs, 4, 0.5));
+            let (want, want_c) = reference(dims, reverse, &xp, &w, &h0, &c0);
+            let mut c = c0.clone();
+            let mut out = vec![0.0; steps * b * hs];
+            lstm_forward(dims, reverse, &xp, &w, &h0, &mut c, &mut out);
+            for (x, y) in out.iter().zip(&want).chain(c.iter().zip(&want_c)) {
+                assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let dims = LstmDims {
+            steps: 3,
+            batch: 34,
+            hidden: 130,
+        };
+        let LstmDims {
+            steps,
+            batch: b,
+            hidden: hs,
+        } = dims;
+        for reverse in [false, true] {
+            let xp = values(steps * b * 4 * hs, 5, 1.0);
+            let w = values(4 * hs * hs, 6, 0.2);
+            let (h0, c0) = (values(b * hs, 7, 0.5), values(b * hs, 8, 0.5));
+            // Loss: Σ out·u + Σ c_T·v + Σ h_T·s (h_T also appears in out: both paths).
+            let (u, v) = (values(steps * b * hs, 9, 1.0), values(b * hs, 10, 1.0));
+            let loss = |xp: &[f64], h0: &[f64], c0: &[f64]| {
+                let (out, c) = reference(dims, reverse, xp, &w, h0, c0);
+                let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+                dot(&out, &u) + dot(&c, &v)
+            };
+            let mut c = c0.clone();
+            let mut out = vec![0.0; steps * b * hs];
+            let tape = lstm_forward(dims, reverse, &xp, &w, &h0, &mut c, &mut out);
+            let (mut dh, mut dc) = (vec![0.0; b * hs], v.clone());
+            let da = lstm_backward(dims, reverse, &tape, &w, &u, &mut dh, &mut dc);
+            let eps = 1e-6;
+            let fd = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
+            for &i in &[0, 77, 1000, xp.len() - 1] {
+                let num = fd(&|e| {
+                    let mut x = xp.clone();
+                    x[i] += e;
+                    loss(&x, &h0, &c0)
+                });
+                assert!((num - da[i]).abs() < 1e-6, "da[{i}]: {} vs {num}", da[i]);
+            }
+            for &i in &[0, 500, b * hs - 1] {
+                let num = fd(&|e| {
+                    let mut h = h0.clone();
+                    h[i] += e;
+                    loss(&xp, &h, &c0)
+                });
+                assert!((num - dh[i]).abs() < 1e-6, "dh0[{i}]: {} vs {num}", dh[i]);
+                let num = fd(&|e| {
+                    let mut c = c0.clone();
+                    c[i] += e;
+                    loss(&xp, &h0, &c)
+                });
+                assert!((num - dc[i]).abs() < 1e-6, "dc0[{i}]: {} vs {num}", dc[i]);
+            }
+        }
+    }
+}
