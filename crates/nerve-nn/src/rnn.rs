@@ -256,13 +256,20 @@ impl Rnn {
         let (b, inp) = (x.dims()[1], x.dims()[2]);
         // All time steps' input projections in one GEMM.
         let mut xp = x.reshape(&[-1, inp as isize])?.matmul(&cell.w_ih.t()?)?;
-        if let Some(bi) = &cell.b_ih {
-            xp = xp.add(bi)?;
-        }
-        // An LSTM or RNN adds b_hh with b_ih; a GRU keeps it with the recurrent part.
-        let fold_bhh = self.kind != RnnKind::Gru;
-        if let (true, Some(bh)) = (fold_bhh, &cell.b_hh) {
-            xp = xp.add(bh)?;
+        // An LSTM or RNN adds b_hh with b_ih (summed first: one pass over xp); a GRU keeps
+        // it with the recurrent part.
+        let b_hh = if self.kind == RnnKind::Gru {
+            None
+        } else {
+            cell.b_hh.as_ref()
+        };
+        let bias = match (&cell.b_ih, b_hh) {
+            (Some(bi), Some(bh)) => Some(bi.add(bh)?),
+            (Some(b), None) | (None, Some(b)) => Some(b.clone()),
+            (None, None) => None,
+        };
+        if let Some(bias) = bias {
+            xp = xp.add(&bias)?;
         }
         let xp = xp.reshape(&[t_len as isize, b as isize, -1])?;
         if self.kind == RnnKind::Lstm {
@@ -438,13 +445,14 @@ pub fn lstm_sequence(
         hidden: hs,
     };
     float_body!(OP, xp, T => {
-        let xv: Vec<T> = xp.contiguous()?.to_vec()?;
         let w: Vec<T> = w_hh.contiguous()?.to_vec()?;
         let h0v: Vec<T> = h0.contiguous()?.to_vec()?;
         let mut c: Vec<T> = c0.contiguous()?.to_vec()?;
         let bh = b * hs;
         let mut packed = vec![0.0 as T; (t_len + 2) * bh];
-        let tape = lstm_forward(dims, reverse, &xv, &w, &h0v, &mut c, &mut packed[..t_len * bh]);
+        let tape = xp.with_data::<T, _>(|xv| {
+            lstm_forward(dims, reverse, xv, &w, &h0v, &mut c, &mut packed[..t_len * bh])
+        })?;
         // The h each step started from, by time index (for dW_hh = Σ_t da_tᵀ h_prev_t).
         let mut h_prev = vec![0.0 as T; t_len * bh];
         for step in 0..t_len {
@@ -468,10 +476,12 @@ pub fn lstm_sequence(
         let out = Tensor::from_vec(packed, [t_len + 2, b, hs])?;
         Ok(out.attach_backward(OP, &[xp, h0, c0, w_hh], move |grad| {
             nerve_core::no_grad(|| {
-                let gv: Vec<T> = grad.contiguous()?.to_vec()?;
-                let mut dh: Vec<T> = gv[t_len * bh..(t_len + 1) * bh].to_vec();
-                let mut dc: Vec<T> = gv[(t_len + 1) * bh..].to_vec();
-                let da = lstm_backward(dims, reverse, &tape, &w, &gv[..t_len * bh], &mut dh, &mut dc);
+                let (da, dh, dc) = grad.with_data::<T, _>(|gv| {
+                    let mut dh: Vec<T> = gv[t_len * bh..(t_len + 1) * bh].to_vec();
+                    let mut dc: Vec<T> = gv[(t_len + 1) * bh..].to_vec();
+                    let da = lstm_backward(dims, reverse, &tape, &w, &gv[..t_len * bh], &mut dh, &mut dc);
+                    (da, dh, dc)
+                })?;
                 let da = Tensor::from_vec(da, [t_len * b, 4 * hs])?;
                 let hp = Tensor::from_vec(h_prev.clone(), [t_len * b, hs])?;
                 let dw = da.t()?.matmul(&hp)?;

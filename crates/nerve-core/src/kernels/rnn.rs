@@ -15,7 +15,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{GemmFloat, PackedB, GEMM_PAR_MIN};
-use super::{with_simd, SendPtr};
+use super::{assume_init, uninit_buf, with_simd, SendPtr};
 use crate::dtype::Float;
 use crate::threading::{install, num_threads};
 
@@ -75,6 +75,26 @@ fn for_parts(parts: &[Range<usize>], f: impl Fn(Range<usize>) + Sync) {
     } else {
         f(parts[0].clone());
     }
+}
+
+/// Ask the caches for the `n` elements at `p` (a hint: any address is allowed). The time
+/// loops fetch the next step's operands this way while the current step computes: each
+/// thread reads its units of every row, runs of a few hundred bytes that the hardware
+/// prefetchers do not pick up.
+#[inline(always)]
+fn prefetch<T>(p: *const T, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..n * std::mem::size_of::<T>()).step_by(64) {
+        // SAFETY: a prefetch never faults and reads nothing; the address is computed with
+        // wrapping arithmetic, so it need not be inside an allocation.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                p.cast::<i8>().wrapping_add(off),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
 }
 
 /// `n` elements at `p`, as a shared slice.
@@ -197,14 +217,19 @@ pub fn lstm_forward<T: GemmFloat>(
         h0.len() == bh && c.len() == bh && out.len() == steps * bh,
         "lstm_forward: sizes"
     );
-    let mut tape = LstmTape {
-        gates: vec![T::ZERO; steps * b * h4],
-        tanh_c: vec![T::ZERO; steps * bh],
-        c_prev: vec![T::ZERO; steps * bh],
-    };
     if steps == 0 || bh == 0 {
-        return tape;
+        return LstmTape {
+            gates: Vec::new(),
+            tanh_c: Vec::new(),
+            c_prev: Vec::new(),
+        };
     }
+    // Written in full by the steps below (every row and unit of every time index).
+    let (mut gates, mut tanh_c, mut c_prev) = (
+        uninit_buf::<T>(steps * b * h4),
+        uninit_buf::<T>(steps * bh),
+        uninit_buf::<T>(steps * bh),
+    );
     // hWᵀ's columns with each gate's block padded to whole panels, so that every thread's
     // units start a panel in all four blocks.
     let nr = T::kernel_for(b).nr;
@@ -222,9 +247,9 @@ pub fn lstm_forward<T: GemmFloat>(
     let hp_p = SendPtr(hp.as_mut_ptr());
     let out_p = SendPtr(out.as_mut_ptr());
     let c_p = SendPtr(c.as_mut_ptr());
-    let g_p = SendPtr(tape.gates.as_mut_ptr());
-    let tc_p = SendPtr(tape.tanh_c.as_mut_ptr());
-    let cp_p = SendPtr(tape.c_prev.as_mut_ptr());
+    let g_p = SendPtr(gates.as_mut_ptr().cast::<T>());
+    let tc_p = SendPtr(tanh_c.as_mut_ptr().cast::<T>());
+    let cp_p = SendPtr(c_prev.as_mut_ptr().cast::<T>());
     let h0_p = SendPtr(h0.as_ptr() as *mut T);
     install(|| {
         for step in 0..steps {
@@ -237,6 +262,14 @@ pub fn lstm_forward<T: GemmFloat>(
             };
             for_parts(&parts, |units| {
                 let (lo, n) = (units.start, units.len());
+                if step + 1 < steps {
+                    let tn = time(dims, reverse, step + 1);
+                    for r in 0..b {
+                        for g in 0..4 {
+                            prefetch(&xp[(tn * b + r) * h4 + g * hs + lo], n);
+                        }
+                    }
+                }
                 let cols: Vec<Range<usize>> =
                     (0..4).map(|g| g * hsp + lo..g * hsp + units.end).collect();
                 // SAFETY: `h_in` (b×hs) was completed by the previous fork-join and is only
@@ -280,7 +313,15 @@ pub fn lstm_forward<T: GemmFloat>(
             });
         }
     });
-    tape
+    // SAFETY: every step wrote its time index's gates, tanh(c) and previous cell for all
+    // rows and units (the parts cover 0..hs).
+    unsafe {
+        LstmTape {
+            gates: assume_init(gates),
+            tanh_c: assume_init(tanh_c),
+            c_prev: assume_init(c_prev),
+        }
+    }
 }
 
 /// The backward time loop of [`lstm_forward`]: from the tape, `W_hh`, the gradient of every
@@ -313,13 +354,14 @@ pub fn lstm_backward<T: GemmFloat>(
     );
     assert!(dh.len() == bh && dc.len() == bh, "lstm_backward: sizes");
     assert!(tape.gates.len() == steps * b * h4, "lstm_backward: tape");
-    let mut da = vec![T::ZERO; steps * b * h4];
     if steps == 0 || bh == 0 {
-        return da;
+        return vec![T::ZERO; steps * b * h4];
     }
+    // Written in full: every step writes its time index's rows and units.
+    let mut da = uninit_buf::<T>(steps * b * h4);
     let packed = PackedB::from_fn(b, h4, hs, |p, j| w_hh[p * hs + j]);
     let parts = unit_parts(dims, packed.nr());
-    let da_p = SendPtr(da.as_mut_ptr());
+    let da_p = SendPtr(da.as_mut_ptr().cast::<T>());
     let dh_p = SendPtr(dh.as_mut_ptr());
     let dc_p = SendPtr(dc.as_mut_ptr());
     // dh[:, units] = da[t] · W_hh[:, units]
@@ -342,10 +384,22 @@ pub fn lstm_backward<T: GemmFloat>(
         for step in (0..steps).rev() {
             let t = time(dims, reverse, step);
             for_parts(&parts, |units| {
+                let (lo, n) = (units.start, units.len());
+                if step > 0 {
+                    let tn = time(dims, reverse, step - 1);
+                    for r in 0..b {
+                        let (row, grow) = ((tn * b + r) * hs + lo, (tn * b + r) * h4 + lo);
+                        for g in 0..4 {
+                            prefetch(&tape.gates[grow + g * hs], n);
+                        }
+                        prefetch(&tape.tanh_c[row], n);
+                        prefetch(&tape.c_prev[row], n);
+                        prefetch(&gout[row], n);
+                    }
+                }
                 if step + 1 < steps {
                     recur(time(dims, reverse, step + 1), &units);
                 }
-                let (lo, n) = (units.start, units.len());
                 with_simd(
                     #[inline(always)]
                     || {
@@ -375,7 +429,8 @@ pub fn lstm_backward<T: GemmFloat>(
         let first = time(dims, reverse, 0);
         for_parts(&parts, |units| recur(first, &units));
     });
-    da
+    // SAFETY: every step wrote da at its time index for all rows and units.
+    unsafe { assume_init(da) }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use super::float_dispatch;
 use crate::dtype::Element;
 use crate::kernels::gemm::gemm;
 use crate::kernels::strided::Runs;
-use crate::kernels::SendPtr;
+use crate::kernels::{assume_init, uninit_buf, SendPtr};
 use crate::shape::broadcast_shapes;
 use crate::threading::{install, num_threads};
 use crate::{Error, Result, Tensor};
@@ -71,9 +71,10 @@ impl Tensor {
         let mut out_dims = batch.clone();
         out_dims.extend_from_slice(&[m, n]);
         let out = float_dispatch!(OP, self.dtype(), T => {
-            let mut c = vec![<T as Element>::ZERO; count * m * n];
+            // Written in full by the GEMMs (beta = 0 never reads it).
+            let mut c = uninit_buf::<T>(count * m * n);
             self.read2::<T, T, _>(rhs, |a, _, b, _| {
-                let (pa, pb, pc) = (SendPtr(a.as_ptr() as *mut T), SendPtr(b.as_ptr() as *mut T), SendPtr(c.as_mut_ptr()));
+                let (pa, pb, pc) = (SendPtr(a.as_ptr() as *mut T), SendPtr(b.as_ptr() as *mut T), SendPtr(c.as_mut_ptr().cast::<T>()));
                 let one = |i: usize, parallel: bool| {
                     let (oa, ob) = offs[i];
                     // SAFETY: offsets come from the broadcast layouts, which stay inside the
@@ -91,7 +92,8 @@ impl Tensor {
                     }
                 }
             });
-            Tensor::from_buf(c, &out_dims)
+            // SAFETY: each batch item's GEMM wrote its whole m×n block.
+            Tensor::from_buf(unsafe { assume_init(c) }, &out_dims)
         });
         let (a, b) = (self.detach(), rhs.detach());
         let (req_a, req_b) = (self.requires_grad(), rhs.requires_grad());
