@@ -2,7 +2,11 @@
 //! `F.scaled_dot_product_attention`): the forward pass keeps only the attention probabilities,
 //! and the backward pass computes the gradients of `q`, `k` and `v` from them with batched
 //! GEMMs, instead of recording a graph node per matmul, scale, mask, softmax and dropout.
+//! Without a mask tensor or dropout (the common training and inference case) both passes run
+//! in the fused kernel [`nerve_core::kernels::attention`], one (batch, head) item at a time
+//! in cache.
 
+use nerve_core::kernels::attention::{attention_backward, attention_forward, AttnDims};
 use nerve_core::{no_grad, DType, Error, Result, Tensor};
 
 /// Options of [`scaled_dot_product_attention`] (PyTorch's defaults).
@@ -49,6 +53,14 @@ pub fn scaled_dot_product_attention(
         return Err(Error::shape_mismatch(OP, k.dims(), v.dims()));
     }
     let scale = opts.scale.unwrap_or(1.0 / (e as f64).sqrt());
+    let same = q.dtype() == k.dtype() && q.dtype() == v.dtype();
+    if opts.mask.is_none()
+        && opts.dropout_p == 0.0
+        && same
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+    {
+        return fused(q, k, v, scale, opts.causal);
+    }
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     // Forward, outside the graph: probabilities p (after dropout: pd) and the output.
     let (p, pd, keep) = no_grad(|| -> Result<(Tensor, Tensor, Option<Tensor>)> {
@@ -90,6 +102,61 @@ pub fn scaled_dot_product_attention(
             Ok(vec![Some(dq), Some(dk), Some(dv)])
         })
     }))
+}
+
+/// [`scaled_dot_product_attention`] without a mask tensor or dropout, in the fused kernel.
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    const OP: &str = "scaled_dot_product_attention";
+    let r = q.rank();
+    let dims = AttnDims {
+        items: q.dims()[..r - 2].iter().product(),
+        l: q.dims()[r - 2],
+        s: k.dims()[r - 2],
+        e: q.dims()[r - 1],
+        ev: v.dims()[r - 1],
+    };
+    let (qc, kc, vc) = (
+        q.detach().contiguous()?,
+        k.detach().contiguous()?,
+        v.detach().contiguous()?,
+    );
+    let mut out_dims = q.dims().to_vec();
+    out_dims[r - 1] = dims.ev;
+    macro_rules! run {
+        ($T:ty) => {{
+            let scale = scale as $T;
+            let (p, out) = qc.with_data::<$T, _>(|qv| {
+                kc.with_data::<$T, _>(|kv| {
+                    vc.with_data::<$T, _>(|vv| attention_forward(dims, qv, kv, vv, scale, causal))
+                })
+            })???;
+            let out = Tensor::from_vec(out, out_dims)?;
+            let (q_dims, k_dims, v_dims) =
+                (q.dims().to_vec(), k.dims().to_vec(), v.dims().to_vec());
+            Ok(out.attach_backward(OP, &[q, k, v], move |g| {
+                let g = g.contiguous()?;
+                let (dq, dk, dv) = g.with_data::<$T, _>(|gv| {
+                    qc.with_data::<$T, _>(|qv| {
+                        kc.with_data::<$T, _>(|kv| {
+                            vc.with_data::<$T, _>(|vv| {
+                                attention_backward(dims, qv, kv, vv, &p, gv, scale)
+                            })
+                        })
+                    })
+                })????;
+                Ok(vec![
+                    Some(Tensor::from_vec(dq, q_dims.clone())?),
+                    Some(Tensor::from_vec(dk, k_dims.clone())?),
+                    Some(Tensor::from_vec(dv, v_dims.clone())?),
+                ])
+            }))
+        }};
+    }
+    match q.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        d => Err(Error::invalid(OP, format!("needs f32 or f64, got {d:?}"))),
+    }
 }
 
 /// Multi-head attention with PyTorch's parameter layout: `in_proj_weight` `[3E, E]`,

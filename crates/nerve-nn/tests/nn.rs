@@ -383,6 +383,15 @@ fn attention_gradcheck_and_errors() -> Result<()> {
             &[q.clone(), k.clone(), v.clone()],
         )?;
     }
+    // One item (rank 2: the fused kernel runs it alone, with threaded GEMMs), causal.
+    let causal = SdpaOptions {
+        causal: true,
+        ..Default::default()
+    };
+    gradcheck(
+        |t| scaled_dot_product_attention(&t[0], &t[1], &t[2], &causal),
+        &[q.select(0, 0)?, k.select(0, 1)?, v.select(0, 0)?],
+    )?;
     // Dropout 0 is the identity; with dropout the output keeps its shape and differs.
     let a = scaled_dot_product_attention(&q, &k, &v, &SdpaOptions::default())?;
     let d = scaled_dot_product_attention(

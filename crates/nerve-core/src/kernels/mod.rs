@@ -5,6 +5,7 @@
 //! `#[target_feature]` wrappers (AVX-512, AVX2+FMA) chosen once at run time, so that LLVM
 //! vectorises them for the machine without `-C target-cpu=native`.
 
+pub mod attention;
 pub mod elementwise;
 pub mod gemm;
 pub mod norm;
