@@ -1,4 +1,4 @@
-//! GFLOP/s of the matrix products of the `lstm` workload's training step, with the operand
+//! GFLOP/s of the matrix products of the `lstm` and `vit` workloads' training steps, with the operand
 //! layouts the autograd produces (`ᵀ` = a transposed view):
 //! `cargo run --release -p nerve-bench --example gemm_shapes`.
 
@@ -15,6 +15,15 @@ fn main() -> Result<()> {
         ("input dW: daᵀ·x", 1024, 2048, 64, true, false),
         ("input dx: da·W_ih", 2048, 1024, 64, false, false),
         ("recurrent dW: daᵀ·h_prev", 1024, 2048, 256, true, false),
+        ("vit qkv: x·Wᵀ", 2080, 128, 384, false, true),
+        ("vit qkv dW: gᵀ·x", 384, 2080, 128, true, false),
+        ("vit qkv dx: g·W", 2080, 384, 128, false, false),
+        ("vit proj: x·Wᵀ", 2080, 128, 128, false, true),
+        ("vit proj dW: gᵀ·x", 128, 2080, 128, true, false),
+        ("vit fc1: x·Wᵀ", 2080, 128, 512, false, true),
+        ("vit fc1 dW: gᵀ·x", 512, 2080, 128, true, false),
+        ("vit fc2: x·Wᵀ", 2080, 512, 128, false, true),
+        ("vit fc2 dW: gᵀ·x", 128, 2080, 512, true, false),
         ("square 1024", 1024, 1024, 1024, false, false),
     ];
     for (name, m, k, n, ta, tb) in shapes {

@@ -6,7 +6,7 @@
 //! in the fused kernel [`nerve_core::kernels::attention`], one (batch, head) item at a time
 //! in cache.
 
-use nerve_core::kernels::attention::{attention_backward, attention_forward, AttnDims};
+use nerve_core::kernels::attention::{attention_backward, attention_forward, AttnDims, AttnLayout};
 use nerve_core::{no_grad, DType, Error, Result, Tensor};
 
 /// Options of [`scaled_dot_product_attention`] (PyTorch's defaults).
@@ -106,7 +106,6 @@ pub fn scaled_dot_product_attention(
 
 /// [`scaled_dot_product_attention`] without a mask tensor or dropout, in the fused kernel.
 fn fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
-    const OP: &str = "scaled_dot_product_attention";
     let r = q.rank();
     let dims = AttnDims {
         items: q.dims()[..r - 2].iter().product(),
@@ -115,44 +114,120 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result
         e: q.dims()[r - 1],
         ev: v.dims()[r - 1],
     };
-    let (qc, kc, vc) = (
-        q.detach().contiguous()?,
-        k.detach().contiguous()?,
-        v.detach().contiguous()?,
-    );
     let mut out_dims = q.dims().to_vec();
     out_dims[r - 1] = dims.ev;
+    let layouts = [
+        AttnLayout::contiguous(dims.l, dims.e),
+        AttnLayout::contiguous(dims.s, dims.e),
+        AttnLayout::contiguous(dims.s, dims.ev),
+    ];
+    attention_node(dims, [q, k, v], layouts, scale, causal, out_dims, false)
+}
+
+/// Causal or full self-attention straight from a packed projection `qkv` `[B, L, 3E]` (the
+/// queries, keys and values of `heads` heads side by side, as `x · in_proj_weightᵀ`), returning
+/// the heads merged `[B, L, E]`: what splitting into heads, [`scaled_dot_product_attention`]
+/// and merging the heads again compute, without the copies (no mask tensor, no dropout).
+pub fn packed_self_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    const OP: &str = "packed_self_attention";
+    let d = qkv.dims();
+    if qkv.rank() != 3 || heads == 0 || d[2] % (3 * heads) != 0 {
+        return Err(Error::bad_shape(
+            OP,
+            d,
+            format!("expected [batch, seq, 3·embed] with embed divisible by {heads} heads"),
+        ));
+    }
+    let (b, l, w) = (d[0], d[1], d[2] / 3);
+    let hd = w / heads;
+    let dims = AttnDims {
+        items: b * heads,
+        l,
+        s: l,
+        e: hd,
+        ev: hd,
+    };
+    let third = |i: usize| AttnLayout::heads(i * w, heads, l, hd, 3 * w);
+    let scale = 1.0 / (hd as f64).sqrt();
+    attention_node(
+        dims,
+        [qkv, qkv, qkv],
+        [third(0), third(1), third(2)],
+        scale,
+        causal,
+        vec![b, l, w],
+        true,
+    )
+}
+
+/// The autodiff node of the fused attention kernel over `inputs` (`q`, `k`, `v`, or the same
+/// packed tensor three times when `packed`), read through `layouts`.
+fn attention_node(
+    dims: AttnDims,
+    inputs: [&Tensor; 3],
+    layouts: [AttnLayout; 3],
+    scale: f64,
+    causal: bool,
+    out_dims: Vec<usize>,
+    packed: bool,
+) -> Result<Tensor> {
+    const OP: &str = "scaled_dot_product_attention";
+    let [lq, lk, lv] = layouts;
+    let data = inputs.map(|t| t.detach().contiguous());
+    let [qc, kc, vc] = data;
+    let (qc, kc, vc) = (qc?, kc?, vc?);
+    let parents: Vec<&Tensor> = if packed {
+        vec![inputs[0]]
+    } else {
+        inputs.to_vec()
+    };
+    let dims_of = inputs.map(|t| t.dims().to_vec());
     macro_rules! run {
         ($T:ty) => {{
             let scale = scale as $T;
             let (p, out) = qc.with_data::<$T, _>(|qv| {
                 kc.with_data::<$T, _>(|kv| {
-                    vc.with_data::<$T, _>(|vv| attention_forward(dims, qv, kv, vv, scale, causal))
+                    vc.with_data::<$T, _>(|vv| {
+                        attention_forward(dims, (qv, lq), (kv, lk), (vv, lv), scale, causal)
+                    })
                 })
             })???;
             let out = Tensor::from_vec(out, out_dims)?;
-            let (q_dims, k_dims, v_dims) =
-                (q.dims().to_vec(), k.dims().to_vec(), v.dims().to_vec());
-            Ok(out.attach_backward(OP, &[q, k, v], move |g| {
+            Ok(out.attach_backward(OP, &parents, move |g| {
                 let g = g.contiguous()?;
-                let (dq, dk, dv) = g.with_data::<$T, _>(|gv| {
+                let mut grads = g.with_data::<$T, _>(|gv| {
                     qc.with_data::<$T, _>(|qv| {
                         kc.with_data::<$T, _>(|kv| {
                             vc.with_data::<$T, _>(|vv| {
-                                attention_backward(dims, qv, kv, vv, &p, gv, scale)
+                                attention_backward(
+                                    dims,
+                                    (qv, lq),
+                                    (kv, lk),
+                                    (vv, lv),
+                                    &p,
+                                    gv,
+                                    scale,
+                                    packed,
+                                )
                             })
                         })
                     })
                 })????;
+                if packed {
+                    return Ok(vec![Some(Tensor::from_vec(grads, dims_of[0].clone())?)]);
+                }
+                let (nq, nk) = (qc.numel(), kc.numel());
+                let dv = grads.split_off(nq + nk);
+                let dk = grads.split_off(nq);
                 Ok(vec![
-                    Some(Tensor::from_vec(dq, q_dims.clone())?),
-                    Some(Tensor::from_vec(dk, k_dims.clone())?),
-                    Some(Tensor::from_vec(dv, v_dims.clone())?),
+                    Some(Tensor::from_vec(grads, dims_of[0].clone())?),
+                    Some(Tensor::from_vec(dk, dims_of[1].clone())?),
+                    Some(Tensor::from_vec(dv, dims_of[2].clone())?),
                 ])
             }))
         }};
     }
-    match q.dtype() {
+    match qc.dtype() {
         DType::F32 => run!(f32),
         DType::F64 => run!(f64),
         d => Err(Error::invalid(OP, format!("needs f32 or f64, got {d:?}"))),
@@ -241,6 +316,28 @@ impl MultiheadAttention {
             }
         };
         let (q, k, v) = (to_bf(query)?, to_bf(key)?, to_bf(value)?);
+        let training = self.training.load(std::sync::atomic::Ordering::Relaxed);
+        let dropout = if training { self.dropout } else { 0.0 };
+        let self_attention = query.id() == key.id() && key.id() == value.id();
+        if self_attention
+            && dropout == 0.0
+            && masks.key_padding_mask.is_none()
+            && masks.attn_mask.is_none()
+            && matches!(q.dtype(), DType::F32 | DType::F64)
+        {
+            // One projection GEMM for q, k and v, and attention read straight from it.
+            let mut qkv = q.matmul(&self.in_proj_weight.t()?)?;
+            if let Some(bias) = &self.in_proj_bias {
+                qkv = qkv.add(bias)?;
+            }
+            let o = packed_self_attention(&qkv, self.num_heads, masks.is_causal)?;
+            let y = crate::module::Module::forward(&self.out_proj, &o)?;
+            return if self.batch_first {
+                Ok(y)
+            } else {
+                y.transpose(0, 1)
+            };
+        }
         let (b, l, s) = (q.dims()[0], q.dims()[1], k.dims()[1]);
         let (h, hd) = (self.num_heads as isize, (e / self.num_heads) as isize);
         let project = |x: &Tensor, i: usize| -> Result<Tensor> {
@@ -285,11 +382,10 @@ impl MultiheadAttention {
             (Some(m), None) => Some(m),
             (None, f) => f,
         };
-        let training = self.training.load(std::sync::atomic::Ordering::Relaxed);
         let opts = SdpaOptions {
             mask,
             causal: masks.is_causal,
-            dropout_p: if training { self.dropout } else { 0.0 },
+            dropout_p: dropout,
             scale: None,
         };
         let o = scaled_dot_product_attention(&qh, &kh, &vh, &opts)?;

@@ -40,7 +40,8 @@ pub mod rnn;
 pub mod transformer;
 
 pub use attention::{
-    scaled_dot_product_attention, KvCache, MhaMasks, MultiheadAttention, SdpaOptions,
+    packed_self_attention, scaled_dot_product_attention, KvCache, MhaMasks, MultiheadAttention,
+    SdpaOptions,
 };
 pub use checkpoint::{load_model, load_optimizer, save_model, save_optimizer, CheckpointError};
 pub use init::Init;

@@ -392,6 +392,28 @@ fn attention_gradcheck_and_errors() -> Result<()> {
         |t| scaled_dot_product_attention(&t[0], &t[1], &t[2], &causal),
         &[q.select(0, 0)?, k.select(0, 1)?, v.select(0, 0)?],
     )?;
+    // The packed self-attention equals splitting heads, SDPA and merging; gradients check.
+    let qkv = Tensor::randn([2, 5, 12]).to_dtype(DType::F64)?;
+    for is_causal in [false, true] {
+        let heads = |t: &Tensor| t.reshape(&[2, 5, 2, 2])?.transpose(1, 2);
+        let split = |i: usize| heads(&qkv.narrow(2, i * 4, 4)?);
+        let opts = SdpaOptions {
+            causal: is_causal,
+            ..Default::default()
+        };
+        let want = scaled_dot_product_attention(&split(0)?, &split(1)?, &split(2)?, &opts)?
+            .transpose(1, 2)?
+            .reshape(&[2, 5, 4])?;
+        let got = nerve_nn::packed_self_attention(&qkv, 2, is_causal)?;
+        for (a, b) in got.to_f64_vec().iter().zip(want.to_f64_vec()) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        gradcheck(
+            |t| nerve_nn::packed_self_attention(&t[0], 2, is_causal),
+            std::slice::from_ref(&qkv),
+        )?;
+    }
+    assert!(nerve_nn::packed_self_attention(&qkv, 5, false).is_err());
     // Dropout 0 is the identity; with dropout the output keeps its shape and differs.
     let a = scaled_dot_product_attention(&q, &k, &v, &SdpaOptions::default())?;
     let d = scaled_dot_product_attention(

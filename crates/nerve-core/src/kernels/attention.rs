@@ -7,8 +7,11 @@
 //! threads. Compared with a graph of tensor ops this saves some ten passes over `[B, H, L, S]`
 //! tensors in memory.
 //!
-//! Layouts (row-major, contiguous): `q` `[N, L, E]`, `k` `[N, S, E]`, `v` `[N, S, Ev]`, the
-//! probabilities `p` `[N, L, S]`, the output `[N, L, Ev]`, for `N` items.
+//! Layouts: the probabilities `p` are `[N, L, S]` for `N` items. The output (and its gradient)
+//! is `[N / H, L, H · Ev]` with the `H` heads of a batch entry side by side in each row (PyTorch's
+//! layout after merging heads; `[N, L, Ev]` for one head). `q`, `k` and `v` are read through an
+//! [`AttnLayout`], so they can be contiguous `[N, L, E]` tensors or the three thirds of a
+//! packed `[B, L, 3E]` projection, without copies.
 
 use rayon::prelude::*;
 
@@ -29,6 +32,67 @@ pub struct AttnDims {
     pub e: usize,
     /// Value width `Ev`.
     pub ev: usize,
+}
+
+/// Where the rows of one operand lie: item `i` is batch entry `i / heads`, head `i % heads`;
+/// its row `r` starts at `offset + entry · batch_stride + head · head_stride + r · row_stride`
+/// and its values are contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnLayout {
+    /// Start of item 0's first row.
+    pub offset: usize,
+    /// Heads per batch entry.
+    pub heads: usize,
+    /// Distance between batch entries.
+    pub batch_stride: usize,
+    /// Distance between heads.
+    pub head_stride: usize,
+    /// Distance between rows.
+    pub row_stride: usize,
+}
+
+impl AttnLayout {
+    /// A contiguous `[N, rows, width]` tensor.
+    pub fn contiguous(rows: usize, width: usize) -> Self {
+        AttnLayout {
+            offset: 0,
+            heads: 1,
+            batch_stride: rows * width,
+            head_stride: 0,
+            row_stride: width,
+        }
+    }
+
+    /// Heads `heads` of width `width` side by side in rows of `[B, rows, total]` (a merged-head
+    /// tensor, or one third of a packed projection when `offset` skips to it).
+    pub fn heads(offset: usize, heads: usize, rows: usize, width: usize, total: usize) -> Self {
+        AttnLayout {
+            offset,
+            heads,
+            batch_stride: rows * total,
+            head_stride: width,
+            row_stride: total,
+        }
+    }
+
+    fn base(&self, item: usize) -> usize {
+        self.offset + item / self.heads * self.batch_stride + item % self.heads * self.head_stride
+    }
+
+    /// Panics unless `items` items of `rows × width` fit in `len` elements.
+    fn check(&self, items: usize, rows: usize, width: usize, len: usize) {
+        assert!(
+            self.heads > 0 && items.is_multiple_of(self.heads),
+            "attention: bad layout {self:?}"
+        );
+        if items > 0 && rows > 0 {
+            let end = self.base(items - 1) + (rows - 1) * self.row_stride + width;
+            assert!(
+                end <= len,
+                "attention: layout {self:?} overruns {len} elements"
+            );
+        }
+    }
 }
 
 /// Run `f(item, parallel_gemm)` for every item: items in parallel when there are enough of
@@ -103,26 +167,32 @@ fn softmax_row<T: GemmFloat>(row: &mut [T], i: usize, causal: bool) {
     }
 }
 
+/// One operand: its storage and where its items' rows lie.
+pub type Operand<'a, T> = (&'a [T], AttnLayout);
+
 /// Forward: returns the probabilities `p` (`softmax(q kᵀ · scale)`, keys after the query's
-/// index blocked when `causal`, i.e. PyTorch's `is_causal`) and the output `p v`.
+/// index blocked when `causal`, i.e. PyTorch's `is_causal`) and the output `p v` in the
+/// merged-head layout (see the module docs), with as many heads per batch entry as `q`'s
+/// layout has.
 ///
 /// # Panics
-/// If a slice's length does not match `dims`.
+/// If a layout does not fit its storage or the items are not whole batch entries.
 pub fn attention_forward<T: GemmFloat>(
     dims: AttnDims,
-    q: &[T],
-    k: &[T],
-    v: &[T],
+    (q, lq): Operand<T>,
+    (k, lk): Operand<T>,
+    (v, lv): Operand<T>,
     scale: T,
     causal: bool,
 ) -> (Vec<T>, Vec<T>) {
     let AttnDims { items, l, s, e, ev } = dims;
-    assert!(
-        q.len() == items * l * e && k.len() == items * s * e,
-        "attention: sizes"
-    );
-    assert!(v.len() == items * s * ev, "attention: sizes");
-    // Written in full below: every item's GEMMs (beta = 0) and row pass.
+    lq.check(items, l, e, q.len());
+    lk.check(items, s, e, k.len());
+    lv.check(items, s, ev, v.len());
+    let heads = lq.heads;
+    let lo = AttnLayout::heads(0, heads, l, ev, heads * ev);
+    // Written in full below: every item's GEMMs (beta = 0) and row pass; the items' blocks
+    // of the output tile it (heads side by side in each row).
     let (mut p, mut out) = (
         uninit_buf::<T>(items * l * s),
         uninit_buf::<T>(items * l * ev),
@@ -132,16 +202,17 @@ pub fn attention_forward<T: GemmFloat>(
         SendPtr(out.as_mut_ptr().cast::<T>()),
     );
     for_items(dims, |i, par| {
-        let (qi, ki, vi) = (&q[i * l * e..], &k[i * s * e..], &v[i * s * ev..]);
+        let (qi, ki, vi) = (&q[lq.base(i)..], &k[lk.base(i)..], &v[lv.base(i)..]);
         // SAFETY: item i's blocks of p and out are written by this task only; the inputs
-        // are read inside their slices (q_i: l×e, k_iᵀ: e×s, p_i: l×s, v_i: s×ev).
+        // are read inside their slices (checked layouts).
         unsafe {
             let pi = pp.get().add(i * l * s);
+            let (rq, rk, rv) = (lq.row_stride, lk.row_stride, lv.row_stride);
             mm(
                 (l, s, e),
                 scale,
-                (qi.as_ptr(), e, 1),
-                (ki.as_ptr(), 1, e),
+                (qi.as_ptr(), rq, 1),
+                (ki.as_ptr(), 1, rk),
                 (pi, s),
                 par,
             );
@@ -154,72 +225,92 @@ pub fn attention_forward<T: GemmFloat>(
                     }
                 },
             );
-            let oi = po.get().add(i * l * ev);
+            let oi = po.get().add(lo.base(i));
             mm(
                 (l, ev, s),
                 T::ONE,
                 (pi, s, 1),
-                (vi.as_ptr(), ev, 1),
-                (oi, ev),
+                (vi.as_ptr(), rv, 1),
+                (oi, lo.row_stride),
                 par,
             );
         }
     });
-    // SAFETY: every item wrote its whole blocks of p and out.
+    // SAFETY: every item wrote its whole blocks of p and out, which tile both.
     unsafe { (assume_init(p), assume_init(out)) }
 }
 
 /// Backward of [`attention_forward`]: from the probabilities `p` and the output gradient
-/// `g` `[N, L, Ev]`, returns `dq`, `dk` and `dv`.
+/// `g` (merged-head layout), returns the gradients of `q`, `k` and `v` in one buffer. With
+/// `packed`, `q`, `k` and `v` must be the three thirds of one `[B, L, 3E]` projection (layouts
+/// `AttnLayout::heads(0 | E | 2E, H, L, E / H, 3E)`) and the buffer has that shape; otherwise
+/// they must be contiguous and the buffer holds `dq`, then `dk`, then `dv`.
 ///
 /// # Panics
-/// If a slice's length does not match `dims`.
+/// If the layouts are not one of those two forms or do not fit their storage.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: GemmFloat>(
     dims: AttnDims,
-    q: &[T],
-    k: &[T],
-    v: &[T],
+    (q, lq): Operand<T>,
+    (k, lk): Operand<T>,
+    (v, lv): Operand<T>,
     p: &[T],
     g: &[T],
     scale: T,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+    packed: bool,
+) -> Vec<T> {
     let AttnDims { items, l, s, e, ev } = dims;
+    lq.check(items, l, e, q.len());
+    lk.check(items, s, e, k.len());
+    lv.check(items, s, ev, v.len());
+    let heads = lq.heads;
+    let lo = AttnLayout::heads(0, heads, l, ev, heads * ev);
     assert!(
-        q.len() == items * l * e && k.len() == items * s * e,
+        p.len() == items * l * s && g.len() == items * l * ev,
         "attention: sizes"
     );
-    assert!(
-        v.len() == items * s * ev && p.len() == items * l * s,
-        "attention: sizes"
-    );
-    assert!(g.len() == items * l * ev, "attention: sizes");
-    // Written in full by each item's GEMMs (beta = 0).
-    let (mut dq, mut dk, mut dv) = (
-        uninit_buf::<T>(q.len()),
-        uninit_buf::<T>(k.len()),
-        uninit_buf::<T>(v.len()),
-    );
-    let (pq, pk, pv) = (
-        SendPtr(dq.as_mut_ptr().cast::<T>()),
-        SendPtr(dk.as_mut_ptr().cast::<T>()),
-        SendPtr(dv.as_mut_ptr().cast::<T>()),
-    );
+    let (nq, nk, nv) = (items * l * e, items * s * e, items * s * ev);
+    let (gq, gk, gv, len) = if packed {
+        let w = heads * e;
+        let third = |o| AttnLayout::heads(o, heads, l, e, 3 * w);
+        assert!(
+            l == s && e == ev && lq == third(0) && lk == third(w) && lv == third(2 * w),
+            "attention: not a packed projection"
+        );
+        (lq, lk, lv, nq * 3)
+    } else {
+        let (cq, ck, cv) = (
+            AttnLayout::contiguous(l, e),
+            AttnLayout::contiguous(s, e),
+            AttnLayout::contiguous(s, ev),
+        );
+        assert!(
+            lq == cq && lk == ck && lv == cv,
+            "attention: operands not contiguous"
+        );
+        let at = |o, lay: AttnLayout| AttnLayout { offset: o, ..lay };
+        (cq, at(nq, ck), at(nq + nk, cv), nq + nk + nv)
+    };
+    // Every element is written: the items' blocks of dq, dk and dv tile the buffer.
+    let mut grads = uninit_buf::<T>(len);
+    let pg = SendPtr(grads.as_mut_ptr().cast::<T>());
     for_items(dims, |i, par| {
-        let (qi, ki, vi) = (&q[i * l * e..], &k[i * s * e..], &v[i * s * ev..]);
-        let (pi, gi) = (&p[i * l * s..(i + 1) * l * s], &g[i * l * ev..]);
+        let (qi, ki, vi) = (&q[lq.base(i)..], &k[lk.base(i)..], &v[lv.base(i)..]);
+        let (pi, gi) = (&p[i * l * s..(i + 1) * l * s], &g[lo.base(i)..]);
+        let (rq, rk, rv, rg) = (lq.row_stride, lk.row_stride, lv.row_stride, lo.row_stride);
         with_scratch::<T, _>(l * s, |ds| {
-            // SAFETY: item i's blocks of dq, dk and dv are written by this task only; the
-            // inputs are read inside their slices; ds is l×s.
+            // SAFETY: item i's blocks of the gradients are written by this task only (the
+            // layouts were checked to tile the buffer); the inputs are read inside their
+            // slices; ds is l×s.
             unsafe {
                 // dv = pᵀ g
-                let dvi = pv.get().add(i * s * ev);
+                let dvi = pg.get().add(gv.base(i));
                 mm(
                     (s, ev, l),
                     T::ONE,
                     (pi.as_ptr(), 1, s),
-                    (gi.as_ptr(), ev, 1),
-                    (dvi, ev),
+                    (gi.as_ptr(), rg, 1),
+                    (dvi, gv.row_stride),
                     par,
                 );
                 // dp = g vᵀ, then ds = p ⊙ (dp − Σ_j dp ⊙ p) · scale in place.
@@ -227,8 +318,8 @@ pub fn attention_backward<T: GemmFloat>(
                 mm(
                     (l, s, ev),
                     T::ONE,
-                    (gi.as_ptr(), ev, 1),
-                    (vi.as_ptr(), 1, ev),
+                    (gi.as_ptr(), rg, 1),
+                    (vi.as_ptr(), 1, rv),
                     (dsp, s),
                     par,
                 );
@@ -247,27 +338,27 @@ pub fn attention_backward<T: GemmFloat>(
                     },
                 );
                 // dq = ds k, dk = dsᵀ q
-                let dqi = pq.get().add(i * l * e);
+                let dqi = pg.get().add(gq.base(i));
                 mm(
                     (l, e, s),
                     T::ONE,
                     (dsp, s, 1),
-                    (ki.as_ptr(), e, 1),
-                    (dqi, e),
+                    (ki.as_ptr(), rk, 1),
+                    (dqi, gq.row_stride),
                     par,
                 );
-                let dki = pk.get().add(i * s * e);
+                let dki = pg.get().add(gk.base(i));
                 mm(
                     (s, e, l),
                     T::ONE,
                     (dsp, 1, s),
-                    (qi.as_ptr(), e, 1),
-                    (dki, e),
+                    (qi.as_ptr(), rq, 1),
+                    (dki, gk.row_stride),
                     par,
                 );
             }
         });
     });
-    // SAFETY: every item wrote its whole blocks of dq, dk and dv.
-    unsafe { (assume_init(dq), assume_init(dk), assume_init(dv)) }
+    // SAFETY: every item wrote its whole blocks of dq, dk and dv, which tile the buffer.
+    unsafe { assume_init(grads) }
 }
