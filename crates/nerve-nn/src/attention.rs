@@ -131,7 +131,7 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result
 pub fn packed_self_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
     const OP: &str = "packed_self_attention";
     let d = qkv.dims();
-    if qkv.rank() != 3 || heads == 0 || d[2] % (3 * heads) != 0 {
+    if qkv.rank() != 3 || heads == 0 || !d[2].is_multiple_of(3 * heads) {
         return Err(Error::bad_shape(
             OP,
             d,
