@@ -29,6 +29,20 @@ impl Tensor {
                 .reshape_usize(&[]),
             (1, _) => self.unsqueeze(0)?.mm_batched(rhs)?.squeeze(-2),
             (_, 1) => self.mm_batched(&rhs.unsqueeze(1)?)?.squeeze(-1),
+            (ra, 2) if ra > 2 && self.dims()[ra - 1] > 0 => {
+                // [..., M, K] · [K, N]: the batch dims fold into the rows (as PyTorch does),
+                // so one large GEMM runs instead of one small one per batch item, and the
+                // weight's gradient is one GEMM, not a batch of them summed.
+                let k = self.dims()[ra - 1];
+                if rhs.dims()[0] != k {
+                    return Err(Error::shape_mismatch(OP, self.dims(), rhs.dims()));
+                }
+                let mut out_dims = self.dims().to_vec();
+                out_dims[ra - 1] = rhs.dims()[1];
+                self.reshape_usize(&[self.numel() / k, k])?
+                    .mm_batched(rhs)?
+                    .reshape_usize(&out_dims)
+            }
             _ => self.mm_batched(rhs),
         }
     }

@@ -1,0 +1,92 @@
+//! Times the parts of the `vit` workload (batch 32, 3×32×32, patch 4, width 128, 4 layers,
+//! 4 heads, f32): the patch embedding, one Transformer block and its pieces, forward and
+//! forward + backward, and the whole training step:
+//! `cargo run --release -p nerve-bench --example vit_parts [NAME]`.
+
+use nerve_core::{manual_seed, Result, Tensor};
+use nerve_models::{Vit, VitConfig};
+use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer};
+
+fn main() -> Result<()> {
+    manual_seed(0);
+    let only = std::env::args().nth(1);
+    let time = |name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            return Ok(());
+        }
+        f()?;
+        let mut ms: Vec<f64> = (0..if only.is_some() { 200 } else { 21 })
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f().map(|_| t.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect::<Result<_>>()?;
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "{name:<40} {:8.3} ms median {:8.3} ms min",
+            ms[ms.len() / 2],
+            ms[0]
+        );
+        Ok(())
+    };
+    println!("threads: {}", nerve_core::num_threads());
+    let model = Vit::new(VitConfig::default())?;
+    let x = Tensor::randn([32, 3, 32, 32]);
+    let y = Tensor::from_vec((0..32i64).map(|i| (i * 7) % 10).collect::<Vec<_>>(), [32])?;
+    let h = Tensor::randn([32, 65, 128]).requires_grad_(true);
+    let blk = &model.blocks[0];
+    time("patch embedding fwd + bwd", &mut || {
+        model.patch_embed.forward(&x)?.sum()?.backward()?;
+        Ok(())
+    })?;
+    time("block forward (no grad)", &mut || {
+        nerve_core::no_grad(|| blk.forward(&h))?;
+        Ok(())
+    })?;
+    time("block fwd + bwd", &mut || {
+        blk.forward(&h)?.sum()?.backward()?;
+        Ok(())
+    })?;
+    time("layer norm fwd + bwd", &mut || {
+        blk.ln_1.forward(&h)?.sum()?.backward()?;
+        Ok(())
+    })?;
+    time("attention fwd + bwd", &mut || {
+        blk.attn.forward(&h)?.sum()?.backward()?;
+        Ok(())
+    })?;
+    time("mlp fwd + bwd", &mut || {
+        blk.mlp.forward(&h)?.sum()?.backward()?;
+        Ok(())
+    })?;
+    time("fc1 (linear 128→512) fwd + bwd", &mut || {
+        blk.mlp.fc.forward(&h)?.sum()?.backward()?;
+        Ok(())
+    })?;
+    let u = Tensor::randn([32, 65, 512]).requires_grad_(true);
+    time("gelu [32, 65, 512] fwd + bwd", &mut || {
+        u.gelu_tanh()?.sum()?.backward()?;
+        Ok(())
+    })?;
+    time("fc2 (linear 512→128) fwd + bwd", &mut || {
+        blk.mlp.proj.forward(&u)?.sum()?.backward()?;
+        Ok(())
+    })?;
+    time("sum + backward alone", &mut || {
+        h.sum()?.backward()?;
+        Ok(())
+    })?;
+    let mut opt = Adam::adamw(model.parameters(), 1e-3, 0.01);
+    time("whole step", &mut || {
+        loss::cross_entropy(&model.forward(&x)?, &y, &Default::default())?.backward()?;
+        opt.step()?;
+        opt.zero_grad();
+        Ok(())
+    })?;
+    time("whole step without optimizer", &mut || {
+        loss::cross_entropy(&model.forward(&x)?, &y, &Default::default())?.backward()?;
+        opt.zero_grad();
+        Ok(())
+    })?;
+    Ok(())
+}
