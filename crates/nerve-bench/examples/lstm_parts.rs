@@ -41,10 +41,11 @@ fn main() -> Result<()> {
     let xp: Vec<f32> = Tensor::randn([t * b * 4 * hs]).to_vec()?;
     let w: Vec<f32> = Tensor::randn([4 * hs * hs]).mul_scalar(0.05)?.to_vec()?;
     let h0 = vec![0f32; b * hs];
+    let bias = vec![0.1f32; 4 * hs];
     let mut out = vec![0f32; t * b * hs];
     let forward = |out: &mut [f32]| {
         let mut c = vec![0f32; b * hs];
-        lstm_forward(dims, false, &xp, &w, &h0, &mut c, out)
+        lstm_forward(dims, false, &xp, &bias, &w, &h0, &mut c, out)
     };
     time("kernel lstm_forward", &mut || {
         forward(&mut out);
@@ -54,7 +55,7 @@ fn main() -> Result<()> {
     let gout: Vec<f32> = Tensor::randn([t * b * hs]).to_vec()?;
     time("kernel lstm_backward", &mut || {
         let (mut dh, mut dc) = (vec![0f32; b * hs], vec![0f32; b * hs]);
-        lstm_backward(dims, false, &tape, &w, &gout, &mut dh, &mut dc);
+        let _ = lstm_backward(dims, false, &tape, &w, &gout, &mut dh, &mut dc);
         Ok(())
     })?;
 

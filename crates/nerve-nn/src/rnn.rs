@@ -268,17 +268,18 @@ impl Rnn {
             (Some(b), None) | (None, Some(b)) => Some(b.clone()),
             (None, None) => None,
         };
+        if self.kind == RnnKind::Lstm {
+            // The whole time loop is one autodiff node (no per-step slicing of xp, whose
+            // backward would cost a full-size zero tensor per step); it adds the bias itself.
+            let xp = xp.reshape(&[t_len as isize, b as isize, -1])?;
+            let packed = lstm_sequence(&xp, bias.as_ref(), h0, c0, &cell.w_hh, reverse)?;
+            let seq = packed.narrow(0, 0, t_len)?;
+            return Ok((seq, packed.select(0, t_len)?, packed.select(0, t_len + 1)?));
+        }
         if let Some(bias) = bias {
             xp = xp.add(&bias)?;
         }
         let xp = xp.reshape(&[t_len as isize, b as isize, -1])?;
-        if self.kind == RnnKind::Lstm {
-            // The whole time loop is one autodiff node (no per-step slicing of xp, whose
-            // backward would cost a full-size zero tensor per step).
-            let packed = lstm_sequence(&xp, h0, c0, &cell.w_hh, reverse)?;
-            let seq = packed.narrow(0, 0, t_len)?;
-            return Ok((seq, packed.select(0, t_len)?, packed.select(0, t_len + 1)?));
-        }
         let w_hh_t = cell.w_hh.t()?;
         let (mut h, c) = (h0.clone(), c0.clone());
         let mut outs = vec![None; t_len];
@@ -416,13 +417,14 @@ pub fn lstm_cell(a: &Tensor, c: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// A whole LSTM layer-direction as one autodiff node: pre-activations `xp` `[T, B, 4H]`
-/// (input projection plus both biases), initial `h0`, `c0` `[B, H]`, recurrent weight `w_hh`
-/// `[4H, H]`; returns `[T + 2, B, H]`: the outputs of every step (in time order), then the
+/// A whole LSTM layer-direction as one autodiff node: input projections `xp` `[T, B, 4H]`,
+/// the bias `[4H]` (`b_ih + b_hh`, if any), initial `h0`, `c0` `[B, H]`, recurrent weight
+/// `w_hh` `[4H, H]`; returns `[T + 2, B, H]`: the outputs of every step (in time order), then the
 /// final `h`, then the final `c`. The backward pass runs back-propagation through time with
 /// one GEMM per step for `dh` and one GEMM in all for `dW_hh`.
 pub fn lstm_sequence(
     xp: &Tensor,
+    bias: Option<&Tensor>,
     h0: &Tensor,
     c0: &Tensor,
     w_hh: &Tensor,
@@ -439,6 +441,9 @@ pub fn lstm_sequence(
     {
         return Err(Error::shape_mismatch(OP, xp.dims(), w_hh.dims()));
     }
+    if let Some(bias) = bias.filter(|bias| bias.dims() != [h4]) {
+        return Err(Error::shape_mismatch(OP, xp.dims(), bias.dims()));
+    }
     let dims = LstmDims {
         steps: t_len,
         batch: b,
@@ -448,10 +453,14 @@ pub fn lstm_sequence(
         let w: Vec<T> = w_hh.contiguous()?.to_vec()?;
         let h0v: Vec<T> = h0.contiguous()?.to_vec()?;
         let mut c: Vec<T> = c0.contiguous()?.to_vec()?;
+        let bias_v: Vec<T> = match bias {
+            Some(bias) => bias.contiguous()?.to_vec()?,
+            None => vec![0.0 as T; h4],
+        };
         let bh = b * hs;
         let mut packed = vec![0.0 as T; (t_len + 2) * bh];
         let tape = xp.with_data::<T, _>(|xv| {
-            lstm_forward(dims, reverse, xv, &w, &h0v, &mut c, &mut packed[..t_len * bh])
+            lstm_forward(dims, reverse, xv, &bias_v, &w, &h0v, &mut c, &mut packed[..t_len * bh])
         })?;
         // The h each step started from, by time index (for dW_hh = Σ_t da_tᵀ h_prev_t).
         let mut h_prev = vec![0.0 as T; t_len * bh];
@@ -474,23 +483,30 @@ pub fn lstm_sequence(
         }
         packed[(t_len + 1) * bh..].copy_from_slice(&c);
         let out = Tensor::from_vec(packed, [t_len + 2, b, hs])?;
-        Ok(out.attach_backward(OP, &[xp, h0, c0, w_hh], move |grad| {
+        let mut parents = vec![xp, h0, c0, w_hh];
+        parents.extend(bias);
+        let with_bias = bias.is_some();
+        Ok(out.attach_backward(OP, &parents, move |grad| {
             nerve_core::no_grad(|| {
-                let (da, dh, dc) = grad.with_data::<T, _>(|gv| {
+                let (da, db, dh, dc) = grad.with_data::<T, _>(|gv| {
                     let mut dh: Vec<T> = gv[t_len * bh..(t_len + 1) * bh].to_vec();
                     let mut dc: Vec<T> = gv[(t_len + 1) * bh..].to_vec();
-                    let da = lstm_backward(dims, reverse, &tape, &w, &gv[..t_len * bh], &mut dh, &mut dc);
-                    (da, dh, dc)
+                    let (da, db) = lstm_backward(dims, reverse, &tape, &w, &gv[..t_len * bh], &mut dh, &mut dc);
+                    (da, db, dh, dc)
                 })?;
                 let da = Tensor::from_vec(da, [t_len * b, 4 * hs])?;
                 let hp = Tensor::from_vec(h_prev.clone(), [t_len * b, hs])?;
                 let dw = da.t()?.matmul(&hp)?;
-                Ok(vec![
+                let mut grads = vec![
                     Some(da.reshape(&[t_len as isize, b as isize, 4 * hs as isize])?),
                     Some(Tensor::from_vec(dh, [b, hs])?),
                     Some(Tensor::from_vec(dc, [b, hs])?),
                     Some(dw),
-                ])
+                ];
+                if with_bias {
+                    grads.push(Some(Tensor::from_vec(db, [4 * hs])?));
+                }
+                Ok(grads)
             })
         }))
     })

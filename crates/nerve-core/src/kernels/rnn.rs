@@ -124,6 +124,7 @@ unsafe fn view_mut<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
 fn cell_forward<T: Float>(
     x: [&[T]; 4],
     hp: [&[T]; 4],
+    bias: [&[T]; 4],
     c: &mut [T],
     c_prev: &mut [T],
     gates: [&mut [T]; 4],
@@ -133,14 +134,15 @@ fn cell_forward<T: Float>(
     let n = c.len();
     let (xi, xf, xg, xo) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
     let (pi, pf, pg, po) = (&hp[0][..n], &hp[1][..n], &hp[2][..n], &hp[3][..n]);
+    let (bi, bf, bg, bo) = (&bias[0][..n], &bias[1][..n], &bias[2][..n], &bias[3][..n]);
     let [gi, gf, gg, go] = gates;
     let (gi, gf, gg, go) = (&mut gi[..n], &mut gf[..n], &mut gg[..n], &mut go[..n]);
     let (c_prev, tanh_c, h) = (&mut c_prev[..n], &mut tanh_c[..n], &mut h[..n]);
     for j in 0..n {
-        let i = sigmoid(xi[j] + pi[j]);
-        let f = sigmoid(xf[j] + pf[j]);
-        let g = (xg[j] + pg[j]).tanh();
-        let o = sigmoid(xo[j] + po[j]);
+        let i = sigmoid(xi[j] + pi[j] + bi[j]);
+        let f = sigmoid(xf[j] + pf[j] + bf[j]);
+        let g = (xg[j] + pg[j] + bg[j]).tanh();
+        let o = sigmoid(xo[j] + po[j] + bo[j]);
         let cp = c[j];
         let cn = f * cp + i * g;
         let t = cn.tanh();
@@ -164,6 +166,7 @@ fn cell_backward<T: Float>(
     dh: &[T],
     dc: &mut [T],
     da: [&mut [T]; 4],
+    db: [&mut [T]; 4],
 ) {
     let n = dc.len();
     let (gi, gf, gg, go) = (
@@ -175,29 +178,40 @@ fn cell_backward<T: Float>(
     let (tanh_c, c_prev, gh, dh) = (&tanh_c[..n], &c_prev[..n], &gh[..n], &dh[..n]);
     let [di, df, dg, dout] = da;
     let (di, df, dg, dout) = (&mut di[..n], &mut df[..n], &mut dg[..n], &mut dout[..n]);
+    let [bi, bf, bg, bo] = db;
+    let (bi, bf, bg, bo) = (&mut bi[..n], &mut bf[..n], &mut bg[..n], &mut bo[..n]);
     for j in 0..n {
         let (i, f, g, o, t) = (gi[j], gf[j], gg[j], go[j], tanh_c[j]);
         let d_h = gh[j] + dh[j];
         let dct = dc[j] + d_h * o * (T::ONE - t * t);
-        di[j] = dct * g * i * (T::ONE - i);
-        df[j] = dct * c_prev[j] * f * (T::ONE - f);
-        dg[j] = dct * i * (T::ONE - g * g);
-        dout[j] = d_h * t * o * (T::ONE - o);
+        let (a_i, a_f) = (
+            dct * g * i * (T::ONE - i),
+            dct * c_prev[j] * f * (T::ONE - f),
+        );
+        let (a_g, a_o) = (dct * i * (T::ONE - g * g), d_h * t * o * (T::ONE - o));
+        (di[j], df[j], dg[j], dout[j]) = (a_i, a_f, a_g, a_o);
+        bi[j] += a_i;
+        bf[j] += a_f;
+        bg[j] += a_g;
+        bo[j] += a_o;
         dc[j] = dct * f;
     }
 }
 
-/// The forward time loop: from the pre-activations `xp` `[T, B, 4H]` (input projection plus
-/// both biases), `W_hh` `[4H, H]`, `h0` `[B, H]` and the cell `c` `[B, H]` (the initial cell
-/// in, the final cell out), writes every step's `h` to `out` `[T, B, H]` (in time order; with
-/// `reverse` the steps run from the last time index to the first) and returns the tape.
+/// The forward time loop: from the input projections `xp` `[T, B, 4H]`, the bias `[4H]`
+/// (PyTorch's `b_ih + b_hh`, added here rather than in a pass over `xp`), `W_hh` `[4H, H]`,
+/// `h0` `[B, H]` and the cell `c` `[B, H]` (the initial cell in, the final cell out), writes
+/// every step's `h` to `out` `[T, B, H]` (in time order; with `reverse` the steps run from the
+/// last time index to the first) and returns the tape.
 ///
 /// # Panics
 /// If a slice's length does not match `dims`.
+#[allow(clippy::too_many_arguments)]
 pub fn lstm_forward<T: GemmFloat>(
     dims: LstmDims,
     reverse: bool,
     xp: &[T],
+    bias: &[T],
     w_hh: &[T],
     h0: &[T],
     c: &mut [T],
@@ -213,6 +227,7 @@ pub fn lstm_forward<T: GemmFloat>(
         xp.len() == steps * b * h4 && w_hh.len() == h4 * hs,
         "lstm_forward: sizes"
     );
+    assert!(bias.len() == h4, "lstm_forward: sizes");
     assert!(
         h0.len() == bh && c.len() == bh && out.len() == steps * bh,
         "lstm_forward: sizes"
@@ -300,6 +315,7 @@ pub fn lstm_forward<T: GemmFloat>(
                                     [0, 1, 2, 3].map(|g| {
                                         view(hp_p.get().add(r * 4 * hsp + g * hsp + lo), n)
                                     }),
+                                    [0, 1, 2, 3].map(|g| &bias[g * hs + lo..g * hs + lo + n]),
                                     view_mut(c_p.get().add(r * hs + lo), n),
                                     view_mut(cp_p.get().add(row), n),
                                     [0, 1, 2, 3].map(|g| view_mut(g_p.get().add(grow + g * hs), n)),
@@ -327,8 +343,8 @@ pub fn lstm_forward<T: GemmFloat>(
 /// The backward time loop of [`lstm_forward`]: from the tape, `W_hh`, the gradient of every
 /// step's output `gout` `[T, B, H]`, and the gradients of the final `h` and `c` (`dh`, `dc`
 /// `[B, H]`, replaced by those of `h0` and `c0`), returns the gradient of the
-/// pre-activations `[T, B, 4H]` (which gives those of the input projection, the biases and,
-/// against the previous `h`s, of `W_hh`).
+/// pre-activations `[T, B, 4H]` (that of the input projection; against the previous `h`s it
+/// gives `W_hh`'s) and of the bias `[4H]` (its sum over steps and rows, formed on the way).
 ///
 /// # Panics
 /// If a slice's length does not match `dims`.
@@ -341,7 +357,7 @@ pub fn lstm_backward<T: GemmFloat>(
     gout: &[T],
     dh: &mut [T],
     dc: &mut [T],
-) -> Vec<T> {
+) -> (Vec<T>, Vec<T>) {
     let LstmDims {
         steps,
         batch: b,
@@ -354,9 +370,11 @@ pub fn lstm_backward<T: GemmFloat>(
     );
     assert!(dh.len() == bh && dc.len() == bh, "lstm_backward: sizes");
     assert!(tape.gates.len() == steps * b * h4, "lstm_backward: tape");
+    let mut db = vec![T::ZERO; h4];
     if steps == 0 || bh == 0 {
-        return vec![T::ZERO; steps * b * h4];
+        return (vec![T::ZERO; steps * b * h4], db);
     }
+    let db_p = SendPtr(db.as_mut_ptr());
     // Written in full: every step writes its time index's rows and units.
     let mut da = uninit_buf::<T>(steps * b * h4);
     let packed = PackedB::from_fn(b, h4, hs, |p, j| w_hh[p * hs + j]);
@@ -406,9 +424,9 @@ pub fn lstm_backward<T: GemmFloat>(
                         for r in 0..b {
                             let (row, grow) = ((t * b + r) * hs + lo, (t * b + r) * h4 + lo);
                             let gates = &tape.gates[grow - lo..grow - lo + h4];
-                            // SAFETY: dh, dc and da[t] slices are this thread's units of one
-                            // row, disjoint from the other threads'; dh's were written by this
-                            // thread.
+                            // SAFETY: dh, dc, da[t] and db slices are this thread's units
+                            // (of one row), disjoint from the other threads'; dh's were written
+                            // by this thread.
                             unsafe {
                                 cell_backward(
                                     [0, 1, 2, 3].map(|g| &gates[g * hs + lo..g * hs + lo + n]),
@@ -419,6 +437,7 @@ pub fn lstm_backward<T: GemmFloat>(
                                     view_mut(dc_p.get().add(r * hs + lo), n),
                                     [0, 1, 2, 3]
                                         .map(|g| view_mut(da_p.get().add(grow + g * hs), n)),
+                                    [0, 1, 2, 3].map(|g| view_mut(db_p.get().add(g * hs + lo), n)),
                                 )
                             }
                         }
@@ -430,7 +449,7 @@ pub fn lstm_backward<T: GemmFloat>(
         for_parts(&parts, |units| recur(first, &units));
     });
     // SAFETY: every step wrote da at its time index for all rows and units.
-    unsafe { assume_init(da) }
+    (unsafe { assume_init(da) }, db)
 }
 
 #[cfg(test)]
@@ -442,6 +461,7 @@ mod tests {
         dims: LstmDims,
         reverse: bool,
         xp: &[f64],
+        bias: &[f64],
         w: &[f64],
         h0: &[f64],
         c0: &[f64],
@@ -461,6 +481,7 @@ mod tests {
                 let a: Vec<f64> = (0..4 * hs)
                     .map(|q| {
                         xp[(t * b + r) * 4 * hs + q]
+                            + bias[q]
                             + (0..hs).map(|p| h[r * hs + p] * w[q * hs + p]).sum::<f64>()
                     })
                     .collect();
@@ -522,12 +543,13 @@ mod tests {
                 hidden: hs,
             } = dims;
             let xp = values(steps * b * 4 * hs, 1, 1.0);
+            let bias = values(4 * hs, 11, 0.5);
             let w = values(4 * hs * hs, 2, 0.3);
             let (h0, c0) = (values(b * hs, 3, 0.5), values(b * hs, 4, 0.5));
-            let (want, want_c) = reference(dims, reverse, &xp, &w, &h0, &c0);
+            let (want, want_c) = reference(dims, reverse, &xp, &bias, &w, &h0, &c0);
             let mut c = c0.clone();
             let mut out = vec![0.0; steps * b * hs];
-            lstm_forward(dims, reverse, &xp, &w, &h0, &mut c, &mut out);
+            lstm_forward(dims, reverse, &xp, &bias, &w, &h0, &mut c, &mut out);
             for (x, y) in out.iter().zip(&want).chain(c.iter().zip(&want_c)) {
                 assert!((x - y).abs() < 1e-12, "{x} vs {y}");
             }
@@ -548,41 +570,50 @@ mod tests {
         } = dims;
         for reverse in [false, true] {
             let xp = values(steps * b * 4 * hs, 5, 1.0);
+            let bias = values(4 * hs, 12, 0.5);
             let w = values(4 * hs * hs, 6, 0.2);
             let (h0, c0) = (values(b * hs, 7, 0.5), values(b * hs, 8, 0.5));
             // Loss: Σ out·u + Σ c_T·v + Σ h_T·s (h_T also appears in out: both paths).
             let (u, v) = (values(steps * b * hs, 9, 1.0), values(b * hs, 10, 1.0));
-            let loss = |xp: &[f64], h0: &[f64], c0: &[f64]| {
-                let (out, c) = reference(dims, reverse, xp, &w, h0, c0);
+            let loss = |xp: &[f64], bias: &[f64], h0: &[f64], c0: &[f64]| {
+                let (out, c) = reference(dims, reverse, xp, bias, &w, h0, c0);
                 let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
                 dot(&out, &u) + dot(&c, &v)
             };
             let mut c = c0.clone();
             let mut out = vec![0.0; steps * b * hs];
-            let tape = lstm_forward(dims, reverse, &xp, &w, &h0, &mut c, &mut out);
+            let tape = lstm_forward(dims, reverse, &xp, &bias, &w, &h0, &mut c, &mut out);
             let (mut dh, mut dc) = (vec![0.0; b * hs], v.clone());
-            let da = lstm_backward(dims, reverse, &tape, &w, &u, &mut dh, &mut dc);
+            let (da, db) = lstm_backward(dims, reverse, &tape, &w, &u, &mut dh, &mut dc);
             let eps = 1e-6;
             let fd = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
             for &i in &[0, 77, 1000, xp.len() - 1] {
                 let num = fd(&|e| {
                     let mut x = xp.clone();
                     x[i] += e;
-                    loss(&x, &h0, &c0)
+                    loss(&x, &bias, &h0, &c0)
                 });
                 assert!((num - da[i]).abs() < 1e-6, "da[{i}]: {} vs {num}", da[i]);
+            }
+            for &i in &[0, 131, 4 * hs - 1] {
+                let num = fd(&|e| {
+                    let mut bb = bias.clone();
+                    bb[i] += e;
+                    loss(&xp, &bb, &h0, &c0)
+                });
+                assert!((num - db[i]).abs() < 1e-5, "db[{i}]: {} vs {num}", db[i]);
             }
             for &i in &[0, 500, b * hs - 1] {
                 let num = fd(&|e| {
                     let mut h = h0.clone();
                     h[i] += e;
-                    loss(&xp, &h, &c0)
+                    loss(&xp, &bias, &h, &c0)
                 });
                 assert!((num - dh[i]).abs() < 1e-6, "dh0[{i}]: {} vs {num}", dh[i]);
                 let num = fd(&|e| {
                     let mut c = c0.clone();
                     c[i] += e;
-                    loss(&xp, &h0, &c)
+                    loss(&xp, &bias, &h0, &c)
                 });
                 assert!((num - dc[i]).abs() < 1e-6, "dc0[{i}]: {} vs {num}", dc[i]);
             }
