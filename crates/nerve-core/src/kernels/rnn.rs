@@ -158,6 +158,7 @@ fn cell_forward<T: Float>(
 /// output gradient `gh` plus the recurrent `dh`, and the carried `dc` (updated in place to the
 /// previous step's), the pre-activation gradients `da`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn cell_backward<T: Float>(
     gates: [&[T]; 4],
     tanh_c: &[T],
