@@ -483,6 +483,7 @@ pub fn lstm_sequence(
         }
         packed[(t_len + 1) * bh..].copy_from_slice(&c);
         let out = Tensor::from_vec(packed, [t_len + 2, b, hs])?;
+        let h_prev = Tensor::from_vec(h_prev, [t_len * b, hs])?;
         let mut parents = vec![xp, h0, c0, w_hh];
         parents.extend(bias);
         let with_bias = bias.is_some();
@@ -495,8 +496,7 @@ pub fn lstm_sequence(
                     (da, db, dh, dc)
                 })?;
                 let da = Tensor::from_vec(da, [t_len * b, 4 * hs])?;
-                let hp = Tensor::from_vec(h_prev.clone(), [t_len * b, hs])?;
-                let dw = da.t()?.matmul(&hp)?;
+                let dw = da.t()?.matmul(&h_prev)?;
                 let mut grads = vec![
                     Some(da.reshape(&[t_len as isize, b as isize, 4 * hs as isize])?),
                     Some(Tensor::from_vec(dh, [b, hs])?),
