@@ -3,6 +3,9 @@
 //! whole training step split into forward, backward and optimizer:
 //! `cargo run --release -p nerve-bench --example lstm_parts [NAME]`.
 
+mod common;
+use common::Timer;
+
 use nerve_core::kernels::rnn::{lstm_backward, lstm_forward, LstmDims};
 use nerve_core::{manual_seed, Result, Tensor};
 use nerve_nn::{loss, Adam, Embedding, Linear, Module, ModuleExt, Optimizer, RnnOptions};
@@ -10,28 +13,8 @@ use nerve_nn::{loss, Adam, Embedding, Linear, Module, ModuleExt, Optimizer, RnnO
 fn main() -> Result<()> {
     let (b, t, e, hs, v) = (32, 64, 64, 256, 65);
     manual_seed(0);
-    // `lstm_parts NAME` times only the parts whose name contains NAME, 200 times (for a
-    // profiler).
-    let only = std::env::args().nth(1);
-    let time = |name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
-            return Ok(());
-        }
-        f()?;
-        let mut ms: Vec<f64> = (0..if only.is_some() { 200 } else { 21 })
-            .map(|_| {
-                let t = std::time::Instant::now();
-                f().map(|_| t.elapsed().as_secs_f64() * 1e3)
-            })
-            .collect::<Result<_>>()?;
-        ms.sort_by(f64::total_cmp);
-        println!(
-            "{name:<40} {:8.3} ms median {:8.3} ms min",
-            ms[ms.len() / 2],
-            ms[0]
-        );
-        Ok(())
-    };
+    let timer = Timer::from_args();
+    let time = |name: &str, f: &mut dyn FnMut() -> Result<()>| timer.time(name, f);
     println!("threads: {}", nerve_core::num_threads());
     let dims = LstmDims {
         steps: t,

@@ -4,6 +4,9 @@
 //! needs, and a whole Mamba block:
 //! `cargo run --release -p nerve-bench --example mamba_parts`.
 
+mod common;
+use common::Timer;
+
 use nerve_core::{Generator, Result, Tensor};
 use nerve_nn::{causal_conv1d, selective_scan, MambaBlock, MambaOptions, Module};
 
@@ -24,54 +27,42 @@ fn main() -> Result<()> {
     let cb = leaf(&[d], &mut g);
     let block = MambaBlock::new(MambaOptions::new(128))?;
     let x = leaf(&[b, l, 128], &mut g);
-    let time = |name: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
-        f()?;
-        let mut ms: Vec<f64> = (0..21)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                f().map(|_| t.elapsed().as_secs_f64() * 1e3)
-            })
-            .collect::<Result<_>>()?;
-        ms.sort_by(f64::total_cmp);
-        // The minimum as well: on a shared machine it is the figure least disturbed by others.
-        println!(
-            "{name:<48} {:8.3} ms median {:8.3} ms min",
-            ms[ms.len() / 2],
-            ms[0]
-        );
-        Ok(())
-    };
+    let timer = Timer::from_args();
+    let time = |name: &str, f: &mut dyn FnMut() -> Result<()>| timer.time(name, f);
     println!("threads: {}", nerve_core::num_threads());
     let scan = || selective_scan(&u, &delta, &a, &bm, &cm, &dskip, Some(&bias), true);
-    time("selective_scan forward (no grad)", &|| {
+    time("selective_scan forward (no grad)", &mut || {
         nerve_core::no_grad(scan)?;
         Ok(())
     })?;
-    time("selective_scan forward + backward", &|| {
+    time("selective_scan forward + backward", &mut || {
         scan()?.sum()?.backward()
     })?;
     let y = scan()?;
     let ones = Tensor::ones([b, l, d]);
-    time("selective_scan backward alone", &|| {
+    time("selective_scan backward alone", &mut || {
         y.backward_with_opts(&ones, true)
     })?;
-    time("causal_conv1d forward + backward", &|| {
+    time("causal_conv1d forward + backward", &mut || {
         causal_conv1d(&u, &w, Some(&cb))?.sum()?.backward()
     })?;
-    time("grouped conv1d (+ transposes) forward + backward", &|| {
-        u.transpose(1, 2)?
-            .conv1d(&w.unsqueeze(1)?, Some(&cb), 1, k - 1, 1, d)?
-            .narrow(2, 0, l)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .sum()?
-            .backward()
-    })?;
-    time("MambaBlock forward (no grad)", &|| {
+    time(
+        "grouped conv1d (+ transposes) forward + backward",
+        &mut || {
+            u.transpose(1, 2)?
+                .conv1d(&w.unsqueeze(1)?, Some(&cb), 1, k - 1, 1, d)?
+                .narrow(2, 0, l)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .sum()?
+                .backward()
+        },
+    )?;
+    time("MambaBlock forward (no grad)", &mut || {
         nerve_core::no_grad(|| block.forward(&x))?;
         Ok(())
     })?;
-    time("MambaBlock forward + backward", &|| {
+    time("MambaBlock forward + backward", &mut || {
         block.forward(&x)?.sum()?.backward()
     })?;
     Ok(())
