@@ -25,16 +25,15 @@ fn main() -> Result<()> {
     let w: Vec<f32> = Tensor::randn([4 * hs * hs]).mul_scalar(0.05)?.to_vec()?;
     let h0 = vec![0f32; b * hs];
     let bias = vec![0.1f32; 4 * hs];
-    let mut out = vec![0f32; t * b * hs];
-    let forward = |out: &mut [f32]| {
+    let forward = || {
         let mut c = vec![0f32; b * hs];
-        lstm_forward(dims, false, &xp, &bias, &w, &h0, &mut c, out)
+        lstm_forward(dims, false, &xp, &bias, &w, &h0, &mut c)
     };
     time("kernel lstm_forward", &mut || {
-        forward(&mut out);
+        forward();
         Ok(())
     })?;
-    let tape = forward(&mut out);
+    let (_, tape) = forward();
     let gout: Vec<f32> = Tensor::randn([t * b * hs]).to_vec()?;
     time("kernel lstm_backward", &mut || {
         let (mut dh, mut dc) = (vec![0f32; b * hs], vec![0f32; b * hs]);

@@ -450,7 +450,7 @@ pub fn lstm_sequence(
         hidden: hs,
     };
     float_body!(OP, xp, T => {
-        let w: Vec<T> = w_hh.contiguous()?.to_vec()?;
+        let w = w_hh.detach().contiguous()?;
         let h0v: Vec<T> = h0.contiguous()?.to_vec()?;
         let mut c: Vec<T> = c0.contiguous()?.to_vec()?;
         let bias_v: Vec<T> = match bias {
@@ -458,30 +458,29 @@ pub fn lstm_sequence(
             None => vec![0.0 as T; h4],
         };
         let bh = b * hs;
-        let mut packed = vec![0.0 as T; (t_len + 2) * bh];
-        let tape = xp.with_data::<T, _>(|xv| {
-            lstm_forward(dims, reverse, xv, &bias_v, &w, &h0v, &mut c, &mut packed[..t_len * bh])
-        })?;
-        // The h each step started from, by time index (for dW_hh = Σ_t da_tᵀ h_prev_t).
-        let mut h_prev = vec![0.0 as T; t_len * bh];
-        for step in 0..t_len {
-            let t = if reverse { t_len - 1 - step } else { step };
-            let src = match step.checked_sub(1) {
-                None => &h0v[..],
-                Some(s) => {
-                    let tp = if reverse { t_len - 1 - s } else { s };
-                    &packed[tp * bh..(tp + 1) * bh]
-                }
+        let (mut packed, tape) = xp.with_data::<T, _>(|xv| {
+            w.with_data::<T, _>(|wv| lstm_forward(dims, reverse, xv, &bias_v, wv, &h0v, &mut c))
+        })??;
+        // The h each step started from, by time index (for dW_hh = Σ_t da_tᵀ h_prev_t): the
+        // output of the neighbouring time index the step came after, or h0.
+        let mut h_prev: Vec<T> = Vec::with_capacity(t_len * bh);
+        for t in 0..t_len {
+            let src = match (reverse, t) {
+                (false, 0) => &h0v[..],
+                (false, t) => &packed[(t - 1) * bh..t * bh],
+                (true, t) if t + 1 == t_len => &h0v[..],
+                (true, t) => &packed[(t + 1) * bh..(t + 2) * bh],
             };
-            h_prev[t * bh..(t + 1) * bh].copy_from_slice(src);
+            h_prev.extend_from_slice(src);
         }
+        // Then the final h and c (the vector has room for them).
         let last = if reverse { 0 } else { t_len.saturating_sub(1) };
         if t_len > 0 {
-            packed.copy_within(last * bh..(last + 1) * bh, t_len * bh);
+            packed.extend_from_within(last * bh..(last + 1) * bh);
         } else {
-            packed[..bh].copy_from_slice(&h0v);
+            packed.extend_from_slice(&h0v);
         }
-        packed[(t_len + 1) * bh..].copy_from_slice(&c);
+        packed.extend_from_slice(&c);
         let out = Tensor::from_vec(packed, [t_len + 2, b, hs])?;
         let h_prev = Tensor::from_vec(h_prev, [t_len * b, hs])?;
         let mut parents = vec![xp, h0, c0, w_hh];
@@ -492,9 +491,11 @@ pub fn lstm_sequence(
                 let (da, db, dh, dc) = grad.with_data::<T, _>(|gv| {
                     let mut dh: Vec<T> = gv[t_len * bh..(t_len + 1) * bh].to_vec();
                     let mut dc: Vec<T> = gv[(t_len + 1) * bh..].to_vec();
-                    let (da, db) = lstm_backward(dims, reverse, &tape, &w, &gv[..t_len * bh], &mut dh, &mut dc);
-                    (da, db, dh, dc)
-                })?;
+                    let (da, db) = w.with_data::<T, _>(|wv| {
+                        lstm_backward(dims, reverse, &tape, wv, &gv[..t_len * bh], &mut dh, &mut dc)
+                    })?;
+                    Ok::<_, Error>((da, db, dh, dc))
+                })??;
                 let da = Tensor::from_vec(da, [t_len * b, 4 * hs])?;
                 let dw = da.t()?.matmul(&h_prev)?;
                 let mut grads = vec![

@@ -201,9 +201,10 @@ fn cell_backward<T: Float>(
 
 /// The forward time loop: from the input projections `xp` `[T, B, 4H]`, the bias `[4H]`
 /// (PyTorch's `b_ih + b_hh`, added here rather than in a pass over `xp`), `W_hh` `[4H, H]`,
-/// `h0` `[B, H]` and the cell `c` `[B, H]` (the initial cell in, the final cell out), writes
-/// every step's `h` to `out` `[T, B, H]` (in time order; with `reverse` the steps run from the
-/// last time index to the first) and returns the tape.
+/// `h0` `[B, H]` and the cell `c` `[B, H]` (the initial cell in, the final cell out), returns
+/// every step's `h` `[T, B, H]` (in time order; with `reverse` the steps run from the last time
+/// index to the first; the vector has room for two more `[B, H]` blocks, the final `h` and `c`
+/// the caller may append) and the tape.
 ///
 /// # Panics
 /// If a slice's length does not match `dims`.
@@ -216,8 +217,7 @@ pub fn lstm_forward<T: GemmFloat>(
     w_hh: &[T],
     h0: &[T],
     c: &mut [T],
-    out: &mut [T],
-) -> LstmTape<T> {
+) -> (Vec<T>, LstmTape<T>) {
     let LstmDims {
         steps,
         batch: b,
@@ -229,16 +229,18 @@ pub fn lstm_forward<T: GemmFloat>(
         "lstm_forward: sizes"
     );
     assert!(bias.len() == h4, "lstm_forward: sizes");
-    assert!(
-        h0.len() == bh && c.len() == bh && out.len() == steps * bh,
-        "lstm_forward: sizes"
-    );
+    assert!(h0.len() == bh && c.len() == bh, "lstm_forward: sizes");
+    // Written in full by the steps below, like the tape.
+    let mut out = uninit_buf::<T>(steps * bh);
+    out.reserve_exact(2 * bh);
     if steps == 0 || bh == 0 {
-        return LstmTape {
+        let tape = LstmTape {
             gates: Vec::new(),
             tanh_c: Vec::new(),
             c_prev: Vec::new(),
         };
+        // SAFETY: no elements.
+        return (unsafe { assume_init(out) }, tape);
     }
     // Written in full by the steps below (every row and unit of every time index).
     let (mut gates, mut tanh_c, mut c_prev) = (
@@ -261,7 +263,7 @@ pub fn lstm_forward<T: GemmFloat>(
     let mut hp = vec![T::ZERO; b * 4 * hsp];
     let parts = unit_parts(dims, nr);
     let hp_p = SendPtr(hp.as_mut_ptr());
-    let out_p = SendPtr(out.as_mut_ptr());
+    let out_p = SendPtr(out.as_mut_ptr().cast::<T>());
     let c_p = SendPtr(c.as_mut_ptr());
     let g_p = SendPtr(gates.as_mut_ptr().cast::<T>());
     let tc_p = SendPtr(tanh_c.as_mut_ptr().cast::<T>());
@@ -330,14 +332,15 @@ pub fn lstm_forward<T: GemmFloat>(
             });
         }
     });
-    // SAFETY: every step wrote its time index's gates, tanh(c) and previous cell for all
-    // rows and units (the parts cover 0..hs).
+    // SAFETY: every step wrote its time index's output, gates, tanh(c) and previous cell for
+    // all rows and units (the parts cover 0..hs).
     unsafe {
-        LstmTape {
+        let tape = LstmTape {
             gates: assume_init(gates),
             tanh_c: assume_init(tanh_c),
             c_prev: assume_init(c_prev),
-        }
+        };
+        (assume_init(out), tape)
     }
 }
 
@@ -549,8 +552,7 @@ mod tests {
             let (h0, c0) = (values(b * hs, 3, 0.5), values(b * hs, 4, 0.5));
             let (want, want_c) = reference(dims, reverse, &xp, &bias, &w, &h0, &c0);
             let mut c = c0.clone();
-            let mut out = vec![0.0; steps * b * hs];
-            lstm_forward(dims, reverse, &xp, &bias, &w, &h0, &mut c, &mut out);
+            let (out, _) = lstm_forward(dims, reverse, &xp, &bias, &w, &h0, &mut c);
             for (x, y) in out.iter().zip(&want).chain(c.iter().zip(&want_c)) {
                 assert!((x - y).abs() < 1e-12, "{x} vs {y}");
             }
@@ -582,8 +584,7 @@ mod tests {
                 dot(&out, &u) + dot(&c, &v)
             };
             let mut c = c0.clone();
-            let mut out = vec![0.0; steps * b * hs];
-            let tape = lstm_forward(dims, reverse, &xp, &bias, &w, &h0, &mut c, &mut out);
+            let (_, tape) = lstm_forward(dims, reverse, &xp, &bias, &w, &h0, &mut c);
             let (mut dh, mut dc) = (vec![0.0; b * hs], v.clone());
             let (da, db) = lstm_backward(dims, reverse, &tape, &w, &u, &mut dh, &mut dc);
             let eps = 1e-6;
