@@ -4,7 +4,9 @@
 //! else the number of cores. Kernels only go parallel above a measured work size, so tiny ops
 //! pay no thread overhead.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
 
 static POOL: OnceLock<RwLock<Arc<rayon::ThreadPool>>> = OnceLock::new();
 
@@ -51,11 +53,65 @@ pub fn set_num_threads(n: usize) {
 }
 
 /// Run `f` inside the pool (a no-op hop when already on one of its threads).
+///
+/// Afterwards the pool's threads stay awake for [`LINGER`], running any kernel that arrives
+/// meanwhile, instead of going to sleep: a training step is a chain of parallel kernels with
+/// short serial gaps between them, and waking a sleeping thread for each one cost the `lstm`
+/// workload some 70 context switches and about a tenth of its time per step (PyTorch's
+/// OpenMP threads spin the same way).
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    pool().install(f)
+    let pool = pool();
+    let r = pool.install(f);
+    linger(&pool);
+    r
+}
+
+/// How long pool threads stay awake after a kernel.
+pub const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
+
+/// When the lingering threads may go back to sleep (nanoseconds since [`epoch`]).
+static LINGER_UNTIL: AtomicU64 = AtomicU64::new(0);
+/// Pool threads lingering now.
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+/// Keep the pool's threads awake for [`LINGER`] from now (see [`install`]).
+fn linger(pool: &Arc<rayon::ThreadPool>) {
+    LINGER_UNTIL.fetch_max(now_ns() + LINGER.as_nanos() as u64, Ordering::Relaxed);
+    let threads = pool.current_num_threads();
+    if threads < 2 {
+        return;
+    }
+    while LINGERING.load(Ordering::Relaxed) < threads {
+        LINGERING.fetch_add(1, Ordering::Relaxed);
+        pool.spawn(|| {
+            thread_local! {
+                static IN_LINGER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+            }
+            // A linger job picked up by another one's yield returns at once.
+            if !IN_LINGER.with(|c| c.replace(true)) {
+                while now_ns() < LINGER_UNTIL.load(Ordering::Relaxed) {
+                    // Run whatever kernel work has arrived, else wait a moment.
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+                IN_LINGER.with(|c| c.set(false));
+            }
+            LINGERING.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
 }
 
 /// Default element count above which element-wise work is split across threads: below it the
