@@ -513,6 +513,49 @@ pub fn lstm_sequence(
     })
 }
 
+/// One batch row of the GRU cell: gates from `x` and `hp` (`[3H]`, blocks r, z, n) and the
+/// previous `h`; the gates saved in `gates` (`[3H]`), the new h in `out`.
+#[inline(always)]
+fn gru_row<T: Float>(x: &[T], hp: &[T], h: &[T], gates: &mut [T], out: &mut [T]) {
+    let hs = out.len();
+    let (h, x, hp, gates) = (&h[..hs], &x[..3 * hs], &hp[..3 * hs], &mut gates[..3 * hs]);
+    let (gr, rest) = gates.split_at_mut(hs);
+    let (gz, gn) = rest.split_at_mut(hs);
+    for j in 0..hs {
+        let r = sigmoid(x[j] + hp[j]);
+        let z = sigmoid(x[hs + j] + hp[hs + j]);
+        let n = (x[2 * hs + j] + r * hp[2 * hs + j]).tanh();
+        out[j] = (T::ONE - z) * n + z * h[j];
+        (gr[j], gz[j], gn[j]) = (r, z, n);
+    }
+}
+
+/// One batch row of the GRU cell's backward: from the saved gates, `hp`, the previous `h` and
+/// the output gradient `g`, the gradients of `x`, `hp` (`[3H]`) and `h`.
+#[inline(always)]
+fn gru_row_grads<T: Float>(
+    gates: &[T],
+    hp: &[T],
+    h: &[T],
+    g: &[T],
+    dx: &mut [T],
+    dp: &mut [T],
+    dh: &mut [T],
+) {
+    let hs = dh.len();
+    let (gates, hp, h, g) = (&gates[..3 * hs], &hp[..3 * hs], &h[..hs], &g[..hs]);
+    let (dx, dp) = (&mut dx[..3 * hs], &mut dp[..3 * hs]);
+    for j in 0..hs {
+        let (r, z, n) = (gates[j], gates[hs + j], gates[2 * hs + j]);
+        let dn = g[j] * (T::ONE - z) * (T::ONE - n * n);
+        let dz = g[j] * (h[j] - n) * z * (T::ONE - z);
+        let dr = dn * hp[2 * hs + j] * r * (T::ONE - r);
+        (dx[j], dx[hs + j], dx[2 * hs + j]) = (dr, dz, dn);
+        (dp[j], dp[hs + j], dp[2 * hs + j]) = (dr, dz, dn * r);
+        dh[j] = g[j] * z;
+    }
+}
+
 /// The fused GRU cell: input part `x` `[B, 3H]` (`x W_ihᵀ + b_ih`, gates r, z, n), recurrent
 /// part `hp` `[B, 3H]` (`h W_hhᵀ + b_hh`) and `h` `[B, H]` → the new `h`.
 pub fn gru_cell(x: &Tensor, hp: &Tensor, h: &Tensor) -> Result<Tensor> {
@@ -526,44 +569,47 @@ pub fn gru_cell(x: &Tensor, hp: &Tensor, h: &Tensor) -> Result<Tensor> {
         let xv: Vec<T> = x.contiguous()?.to_vec()?;
         let pv: Vec<T> = hp.contiguous()?.to_vec()?;
         let hv: Vec<T> = h.contiguous()?.to_vec()?;
-        // Saved per element: r, z, n.
-        let mut saved = vec![0.0 as T; b * hs * 3];
+        // Saved: the gates r, z, n, laid out like x (contiguous blocks, so the loops vectorise).
+        let mut saved = vec![0.0 as T; b * h3];
         let mut out = vec![0.0 as T; b * hs];
-        for r_ in 0..b {
-            for j in 0..hs {
-                let (xr, pr) = (&xv[r_ * h3..(r_ + 1) * h3], &pv[r_ * h3..(r_ + 1) * h3]);
-                let r = sigmoid(xr[j] + pr[j]);
-                let z = sigmoid(xr[hs + j] + pr[hs + j]);
-                let n = (xr[2 * hs + j] + r * pr[2 * hs + j]).tanh();
-                out[r_ * hs + j] = (1.0 - z) * n + z * hv[r_ * hs + j];
-                saved[(r_ * hs + j) * 3..(r_ * hs + j) * 3 + 3].copy_from_slice(&[r, z, n]);
-            }
-        }
+        nerve_core::kernels::with_simd(
+            #[inline(always)]
+            || {
+                for r_ in 0..b {
+                    let rows = r_ * h3..(r_ + 1) * h3;
+                    gru_row(
+                        &xv[rows.clone()],
+                        &pv[rows.clone()],
+                        &hv[r_ * hs..(r_ + 1) * hs],
+                        &mut saved[rows],
+                        &mut out[r_ * hs..(r_ + 1) * hs],
+                    );
+                }
+            },
+        );
         let out = Tensor::from_vec(out, [b, hs])?;
         Ok(out.attach_backward(OP, &[x, hp, h], move |grad| {
             let gv: Vec<T> = grad.contiguous()?.to_vec()?;
             let mut dx = vec![0.0 as T; b * h3];
             let mut dp = vec![0.0 as T; b * h3];
             let mut dh = vec![0.0 as T; b * hs];
-            for r_ in 0..b {
-                for j in 0..hs {
-                    let s = &saved[(r_ * hs + j) * 3..(r_ * hs + j) * 3 + 3];
-                    let (r, z, n) = (s[0], s[1], s[2]);
-                    let g = gv[r_ * hs + j];
-                    let dn = g * (1.0 - z) * (1.0 - n * n);
-                    let dz = g * (hv[r_ * hs + j] - n) * z * (1.0 - z);
-                    let hn = pv[r_ * h3 + 2 * hs + j];
-                    let dr = dn * hn * r * (1.0 - r);
-                    let (ddx, ddp) = (&mut dx[r_ * h3..(r_ + 1) * h3], &mut dp[r_ * h3..(r_ + 1) * h3]);
-                    ddx[j] = dr;
-                    ddx[hs + j] = dz;
-                    ddx[2 * hs + j] = dn;
-                    ddp[j] = dr;
-                    ddp[hs + j] = dz;
-                    ddp[2 * hs + j] = dn * r;
-                    dh[r_ * hs + j] = g * z;
-                }
-            }
+            nerve_core::kernels::with_simd(
+                #[inline(always)]
+                || {
+                    for r_ in 0..b {
+                        let (rows, units) = (r_ * h3..(r_ + 1) * h3, r_ * hs..(r_ + 1) * hs);
+                        gru_row_grads(
+                            &saved[rows.clone()],
+                            &pv[rows.clone()],
+                            &hv[units.clone()],
+                            &gv[units.clone()],
+                            &mut dx[rows.clone()],
+                            &mut dp[rows],
+                            &mut dh[units],
+                        );
+                    }
+                },
+            );
             Ok(vec![
                 Some(Tensor::from_vec(dx, [b, h3])?),
                 Some(Tensor::from_vec(dp, [b, h3])?),
