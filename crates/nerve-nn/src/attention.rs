@@ -173,9 +173,16 @@ fn attention_node(
 ) -> Result<Tensor> {
     const OP: &str = "scaled_dot_product_attention";
     let [lq, lk, lv] = layouts;
-    let data = inputs.map(|t| t.detach().contiguous());
-    let [qc, kc, vc] = data;
-    let (qc, kc, vc) = (qc?, kc?, vc?);
+    // The packed projection is made contiguous once and read three times.
+    let qc = inputs[0].detach().contiguous()?;
+    let (kc, vc) = if packed {
+        (qc.clone(), qc.clone())
+    } else {
+        (
+            inputs[1].detach().contiguous()?,
+            inputs[2].detach().contiguous()?,
+        )
+    };
     let parents: Vec<&Tensor> = if packed {
         vec![inputs[0]]
     } else {

@@ -170,6 +170,17 @@ fn softmax_row<T: GemmFloat>(row: &mut [T], i: usize, causal: bool) {
 /// One operand: its storage and where its items' rows lie.
 pub type Operand<'a, T> = (&'a [T], AttnLayout);
 
+/// Check the operands' layouts against their storage and `dims`; the layout of the output
+/// (heads merged, as many per batch entry as `q` has).
+fn output_layout<T>(dims: AttnDims, q: Operand<T>, k: Operand<T>, v: Operand<T>) -> AttnLayout {
+    let AttnDims { items, l, s, e, ev } = dims;
+    q.1.check(items, l, e, q.0.len());
+    k.1.check(items, s, e, k.0.len());
+    v.1.check(items, s, ev, v.0.len());
+    let heads = q.1.heads;
+    AttnLayout::heads(0, heads, l, ev, heads * ev)
+}
+
 /// Forward: returns the probabilities `p` (`softmax(q kᵀ · scale)`, keys after the query's
 /// index blocked when `causal`, i.e. PyTorch's `is_causal`) and the output `p v` in the
 /// merged-head layout (see the module docs), with as many heads per batch entry as `q`'s
@@ -186,11 +197,7 @@ pub fn attention_forward<T: GemmFloat>(
     causal: bool,
 ) -> (Vec<T>, Vec<T>) {
     let AttnDims { items, l, s, e, ev } = dims;
-    lq.check(items, l, e, q.len());
-    lk.check(items, s, e, k.len());
-    lv.check(items, s, ev, v.len());
-    let heads = lq.heads;
-    let lo = AttnLayout::heads(0, heads, l, ev, heads * ev);
+    let lo = output_layout(dims, (q, lq), (k, lk), (v, lv));
     // Written in full below: every item's GEMMs (beta = 0) and row pass; the items' blocks
     // of the output tile it (heads side by side in each row).
     let (mut p, mut out) = (
@@ -260,11 +267,8 @@ pub fn attention_backward<T: GemmFloat>(
     packed: bool,
 ) -> Vec<T> {
     let AttnDims { items, l, s, e, ev } = dims;
-    lq.check(items, l, e, q.len());
-    lk.check(items, s, e, k.len());
-    lv.check(items, s, ev, v.len());
-    let heads = lq.heads;
-    let lo = AttnLayout::heads(0, heads, l, ev, heads * ev);
+    let lo = output_layout(dims, (q, lq), (k, lk), (v, lv));
+    let heads = lo.heads;
     assert!(
         p.len() == items * l * s && g.len() == items * l * ev,
         "attention: sizes"

@@ -288,8 +288,8 @@ pub fn lstm_forward<T: GemmFloat>(
                         }
                     }
                 }
-                let cols: Vec<Range<usize>> =
-                    (0..4).map(|g| g * hsp + lo..g * hsp + units.end).collect();
+                let cols: [Range<usize>; 4] =
+                    std::array::from_fn(|g| g * hsp + lo..g * hsp + units.end);
                 // SAFETY: `h_in` (b×hs) was completed by the previous fork-join and is only
                 // read now; this thread writes only its own columns of `hp`.
                 unsafe {
