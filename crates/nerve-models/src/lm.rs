@@ -76,6 +76,128 @@ pub fn pick(logits: &[f64], temperature: f64, top_k: usize) -> i64 {
     idx[k - 1] as i64
 }
 
+/// How [`Sampler`] picks the next token, with transformers' `generate` options and order:
+/// repetition penalty, then temperature, top-k and top-p. Greedy when `temperature` is 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingOptions {
+    /// Softmax temperature; 0 means greedy (the most likely token).
+    pub temperature: f64,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1: all).
+    pub top_p: f64,
+    /// Divide the positive logits (multiply the negative ones) of tokens already seen by this
+    /// (1: off), as transformers' `repetition_penalty`.
+    pub repetition_penalty: f64,
+    /// Seed of the sampler's own generator.
+    pub seed: u64,
+}
+
+impl Default for SamplingOptions {
+    /// Greedy decoding.
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingOptions {
+    /// Refuse values outside their ranges, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::invalid("sampling", m.to_string()));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be a finite number > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Picks next tokens from logits by [`SamplingOptions`], with its own seeded generator (the
+/// same seed gives the same text).
+pub struct Sampler {
+    opts: SamplingOptions,
+    rng: nerve_core::random::Generator,
+}
+
+impl Sampler {
+    /// A sampler; fails on out-of-range options.
+    pub fn new(opts: SamplingOptions) -> Result<Self> {
+        opts.validate()?;
+        let rng = nerve_core::random::Generator::new(opts.seed);
+        Ok(Self { opts, rng })
+    }
+
+    /// The next token from one row of logits, given the tokens so far (prompt included).
+    pub fn pick(&mut self, logits: &[f32], seen: &[i64]) -> i64 {
+        let o = &self.opts;
+        let mut l: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+        if o.repetition_penalty != 1.0 {
+            let mut done = std::collections::HashSet::new();
+            for &t in seen {
+                if t >= 0 && (t as usize) < l.len() && done.insert(t) {
+                    let v = &mut l[t as usize];
+                    *v = if *v < 0.0 {
+                        *v * o.repetition_penalty
+                    } else {
+                        *v / o.repetition_penalty
+                    };
+                }
+            }
+        }
+        let best = (0..l.len())
+            .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+            .unwrap_or(0);
+        if o.temperature <= 0.0 {
+            return best as i64;
+        }
+        let mut idx: Vec<usize> = (0..l.len()).collect();
+        idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+        if o.top_k > 0 {
+            idx.truncate(o.top_k);
+        }
+        let m = l[idx[0]];
+        let mut w: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((l[i] - m) / o.temperature).exp())
+            .collect();
+        if o.top_p < 1.0 {
+            // Keep tokens while the probability before them is below top_p (at least one).
+            let total: f64 = w.iter().sum();
+            let mut before = 0.0;
+            let keep = w
+                .iter()
+                .take_while(|&&p| {
+                    let k = before / total < o.top_p;
+                    before += p;
+                    k
+                })
+                .count()
+                .max(1);
+            w.truncate(keep);
+        }
+        let total: f64 = w.iter().sum();
+        let mut u = self.rng.next_f64() * total;
+        for (j, wj) in w.iter().enumerate() {
+            u -= wj;
+            if u <= 0.0 {
+                return idx[j] as i64;
+            }
+        }
+        idx[w.len() - 1] as i64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +225,50 @@ mod tests {
         assert!(check_prompt(&[0, 5], 5).is_err());
         assert!(check_prompt(&[-1], 5).is_err());
         assert!(check_prompt(&[0, 4], 5).is_ok());
+    }
+
+    #[test]
+    fn sampler_options() {
+        let l = [0.1f32, 3.0, -1.0, 2.0, 2.9];
+        let mut greedy = Sampler::new(SamplingOptions::default()).unwrap();
+        assert_eq!(greedy.pick(&l, &[]), 1);
+        // The penalty turns greedy away from a token already seen (3.0 / 2 < 2.9).
+        let mut pen = Sampler::new(SamplingOptions {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(pen.pick(&l, &[1]), 4);
+        // top-p 0.5 at temperature 1 keeps only tokens 1 and 4 (p ≈ 0.44, 0.40).
+        let mut top_p = Sampler::new(SamplingOptions {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 7,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut seen = [0usize; 5];
+        for _ in 0..500 {
+            seen[top_p.pick(&l, &[]) as usize] += 1;
+        }
+        assert_eq!(seen[0] + seen[2] + seen[3], 0, "{seen:?}");
+        assert!(seen[1] > 100 && seen[4] > 100, "{seen:?}");
+        // Same seed, same draws.
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingOptions {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            })
+            .unwrap();
+            (0..20).map(|_| s.pick(&l, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+        assert!(Sampler::new(SamplingOptions {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .is_err());
     }
 }

@@ -6,6 +6,7 @@ use nerve_core::Tensor;
 
 /// `x[i] = scale · sin(0.37 i + seed)` as f32, shaped `dims` (mirrors
 /// `tools/torch_nn_fixtures.py`).
+#[allow(dead_code)]
 pub fn formula(dims: &[usize], seed: f64, scale: f64) -> Tensor {
     let n: usize = dims.iter().product();
     let v: Vec<f32> = (0..n)
@@ -15,6 +16,7 @@ pub fn formula(dims: &[usize], seed: f64, scale: f64) -> Tensor {
 }
 
 /// PyTorch's results, written by `tools/torch_nn_fixtures.py`.
+#[allow(dead_code)]
 pub fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
