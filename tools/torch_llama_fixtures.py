@@ -10,10 +10,13 @@ Writes crates/nerve-models/tests/fixtures/:
   next-token loss and the gradient of every weight.
 - smollm2_logits.safetensors (with --smollm2): transformers' logits of the last position of
   "The capital of France is" for SmolLM2-135M-Instruct read from the GGUF file (transformers
-  dequantises it with gguf-py), the prompt's token ids, and the greedy continuation's ids.
+  dequantises it with gguf-py), the prompt's token ids, and the greedy continuation's ids;
+  smollm2_tokenizer.json: transformers' token ids of a few texts and its chat template's
+  rendering of a one-message chat.
 """
 
 import argparse
+import json
 import os
 
 import torch
@@ -78,6 +81,23 @@ def smollm2(path):
         logits = model(ids).logits[0, -1]
         gen = model.generate(ids, max_new_tokens=16, do_sample=False)
     print("ids", ids.tolist(), "continuation", repr(tok.decode(gen[0, ids.shape[1]:])))
+    texts = [
+        "The capital of France is",
+        "Hello world! It's 2026-12-02, and 12345 apples cost $3.50.",
+        "  leading spaces\n\nnew lines\ttabs   trailing  ",
+        "ROMEO:\nBut, soft! what light through yonder window breaks?",
+        "Unicode: café, naïve, 東京, Привет, emoji 🎉 and math ∑x²",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
+        "def f(x):\n    return x ** 2  # square",
+    ]
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    cases = {
+        "encode": [{"text": t, "ids": tok(t).input_ids} for t in texts],
+        "chat": {"messages": chat, "rendered": rendered},
+    }
+    with open(os.path.join(OUT, "smollm2_tokenizer.json"), "w") as fh:
+        json.dump(cases, fh, ensure_ascii=False, indent=1)
     save_file(
         {"ids": ids[0].contiguous(), "last_logits": logits.contiguous(), "greedy": gen[0, ids.shape[1]:].contiguous()},
         os.path.join(OUT, "smollm2_logits.safetensors"),

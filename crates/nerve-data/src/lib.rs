@@ -7,6 +7,8 @@
 //! * [`csv`]: numeric tabular data with an integer label column;
 //! * [`digits()`]: the scikit-learn 8x8 digits set, embedded in the crate;
 //! * [`text`]: character-level text for language models ([`CharTokenizer`], windows);
+//! * [`tokenizer`]: subword tokenizers of pretrained models ([`Tokenizer`]: `tokenizer.json`
+//!   or a GGUF vocabulary, chat templates, streaming decoding);
 //! * [`Dataset`]: an in-memory labelled set (split, subset, normalize, batch);
 //! * [`DataLoader`]: shuffled mini-batches with augmentation and background prefetch.
 //!
@@ -36,6 +38,7 @@ pub mod image;
 pub mod loader;
 pub mod mnist;
 pub mod text;
+pub mod tokenizer;
 
 pub use augment::Augment;
 pub use csv::{load_csv, CsvOptions};
@@ -46,3 +49,4 @@ pub use idx::{read_idx, IdxArray};
 pub use loader::{Batches, DataLoader};
 pub use mnist::load_mnist;
 pub use text::{CharTokenizer, TextSplits};
+pub use tokenizer::{BpeVocab, ChatMessage, TokenStream, Tokenizer};

@@ -7,6 +7,7 @@
 pub mod char_rnn;
 pub mod cnn;
 pub mod ddpm;
+pub mod gguf;
 pub mod gpt;
 pub mod llama;
 pub mod lm;

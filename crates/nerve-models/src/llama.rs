@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use nerve_core::{no_grad, Error, Result, Tensor};
-use nerve_nn::{Embedding, Linear, Module, ModuleExt, RmsNorm, SdpaOptions};
+use nerve_nn::{Embedding, Linear, Module, RmsNorm, SdpaOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::lm::check_prompt;
@@ -224,19 +224,6 @@ pub struct LlamaAttention {
 }
 
 impl LlamaAttention {
-    fn new(c: &LlamaConfig) -> Result<Self> {
-        let (d, hd) = (c.hidden_size, c.head_dim());
-        Ok(Self {
-            q_proj: Linear::new(d, c.num_attention_heads * hd, false)?,
-            k_proj: Linear::new(d, c.num_key_value_heads * hd, false)?,
-            v_proj: Linear::new(d, c.num_key_value_heads * hd, false)?,
-            o_proj: Linear::new(c.num_attention_heads * hd, d, false)?,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: hd,
-        })
-    }
-
     /// Attention of `x` `[B, T, hidden]` at positions `past..past + T` over the cached tokens
     /// (when `cache` is given; extended in place) and themselves, causally.
     fn attend(&self, x: &Tensor, rope: &Rotary, cache: Option<&mut LayerCache>) -> Result<Tensor> {
@@ -436,59 +423,120 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// A randomly initialised model (PyTorch's layer defaults; the weights are meant to be
-    /// replaced by [`Llama::load_weights`]). Inconsistent sizes are refused, naming the fields.
+    /// A randomly initialised model with transformers' initialisation (every Linear and the
+    /// embedding `N(0, 0.02²)`, norms 1). Inconsistent sizes are refused, naming the fields.
     pub fn new(config: LlamaConfig) -> Result<Self> {
-        config.validate()?;
-        let c = &config;
-        let d = c.hidden_size;
-        let layers = (0..c.num_hidden_layers)
-            .map(|_| {
-                Ok(LlamaLayer {
-                    self_attn: LlamaAttention::new(c)?,
-                    mlp: LlamaMlp {
-                        gate_proj: Linear::new(d, c.intermediate_size, false)?,
-                        up_proj: Linear::new(d, c.intermediate_size, false)?,
-                        down_proj: Linear::new(c.intermediate_size, d, false)?,
-                    },
-                    input_layernorm: RmsNorm::new(&[d], c.rms_norm_eps),
-                    post_attention_layernorm: RmsNorm::new(&[d], c.rms_norm_eps),
-                })
+        no_grad(|| {
+            Self::build(config, |name, shape| {
+                let t = if name.ends_with("norm.weight") {
+                    Tensor::ones(shape)
+                } else {
+                    let t = Tensor::zeros(shape);
+                    nerve_nn::init::normal_(&t, 0.0, 0.02)?;
+                    t
+                };
+                Ok(t)
             })
-            .collect::<Result<Vec<_>>>()?;
-        let model = LlamaModel {
-            embed_tokens: Embedding::new(c.vocab_size, d)?,
-            layers,
-            norm: RmsNorm::new(&[d], c.rms_norm_eps),
-        };
-        let lm_head = (!c.tie_word_embeddings)
-            .then(|| Linear::new(d, c.vocab_size, false))
-            .transpose()?;
-        Ok(Self {
-            model,
-            lm_head,
-            rope: Rotary::new(c.head_dim(), c.max_position_embeddings, c.rope_theta)?,
-            config,
         })
     }
 
-    /// The model `config` describes with the weights of `tensors` (transformers' names; an
-    /// `lm_head.weight` of a tied model is ignored). Every name and shape is checked before
-    /// any weight is written.
-    pub fn from_tensors(config: LlamaConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let m = no_grad(|| Self::new(config))?;
-        m.load_weights(tensors)?;
+    /// The model `config` describes, holding the tensors of `tensors` (transformers' names,
+    /// f32) as its parameters without copying them: a missing, unexpected or mis-shaped
+    /// tensor is an error naming it. A tied model ignores an `lm_head.weight`.
+    pub fn from_tensors(config: LlamaConfig, mut tensors: HashMap<String, Tensor>) -> Result<Self> {
+        if config.tie_word_embeddings {
+            tensors.remove("lm_head.weight");
+        }
+        let m = Self::build(config, |name, shape| {
+            let t = tensors.remove(name).ok_or_else(|| {
+                Error::invalid("Llama", format!("the checkpoint has no tensor {name}"))
+            })?;
+            if t.dims() != shape {
+                return Err(Error::invalid(
+                    "Llama",
+                    format!(
+                        "tensor {name} has shape {:?}, the model needs {shape:?}",
+                        t.dims()
+                    ),
+                ));
+            }
+            Ok(t.to_dtype(nerve_core::DType::F32)?.contiguous()?.detach())
+        })?;
+        if !tensors.is_empty() {
+            let mut names: Vec<_> = tensors.into_keys().collect();
+            names.sort();
+            return Err(Error::invalid(
+                "Llama",
+                format!("unexpected tensors in the checkpoint: {}", names.join(", ")),
+            ));
+        }
         Ok(m)
     }
 
-    /// Copy `tensors` (transformers' names) into the weights; see [`Llama::from_tensors`].
-    pub fn load_weights(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        let mut t = tensors.clone();
-        if self.config.tie_word_embeddings {
-            t.remove("lm_head.weight");
+    /// Build the modules, asking `param` for every weight by its full name and shape.
+    fn build(
+        config: LlamaConfig,
+        mut param: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (d, hd, ff) = (c.hidden_size, c.head_dim(), c.intermediate_size);
+        let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let mut get = |name: String, shape: &[usize]| -> Result<Tensor> {
+            Ok(param(&name, shape)?.requires_grad_(true))
+        };
+        let lin = |weight: Tensor| Linear { weight, bias: None };
+        let norm = |weight: Tensor| RmsNorm {
+            weight,
+            normalized_shape: vec![d],
+            eps: c.rms_norm_eps,
+        };
+        let embed_tokens = Embedding {
+            weight: get("model.embed_tokens.weight".into(), &[c.vocab_size, d])?,
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let self_attn = LlamaAttention {
+                q_proj: lin(get(format!("{p}.self_attn.q_proj.weight"), &[qd, d])?),
+                k_proj: lin(get(format!("{p}.self_attn.k_proj.weight"), &[kvd, d])?),
+                v_proj: lin(get(format!("{p}.self_attn.v_proj.weight"), &[kvd, d])?),
+                o_proj: lin(get(format!("{p}.self_attn.o_proj.weight"), &[d, qd])?),
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: hd,
+            };
+            let mlp = LlamaMlp {
+                gate_proj: lin(get(format!("{p}.mlp.gate_proj.weight"), &[ff, d])?),
+                up_proj: lin(get(format!("{p}.mlp.up_proj.weight"), &[ff, d])?),
+                down_proj: lin(get(format!("{p}.mlp.down_proj.weight"), &[d, ff])?),
+            };
+            layers.push(LlamaLayer {
+                self_attn,
+                mlp,
+                input_layernorm: norm(get(format!("{p}.input_layernorm.weight"), &[d])?),
+                post_attention_layernorm: norm(get(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    &[d],
+                )?),
+            });
         }
-        self.load_state_dict(&t, true)
-            .map_err(|e| Error::invalid("Llama", e.to_string()))
+        let model = LlamaModel {
+            embed_tokens,
+            layers,
+            norm: norm(get("model.norm.weight".into(), &[d])?),
+        };
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(lin(get("lm_head.weight".into(), &[c.vocab_size, d])?))
+        };
+        Ok(Self {
+            model,
+            lm_head,
+            rope: Rotary::new(hd, c.max_position_embeddings, c.rope_theta)?,
+            config,
+        })
     }
 
     /// The configuration.

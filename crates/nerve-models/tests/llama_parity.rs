@@ -42,7 +42,7 @@ fn tiny_model(f: &HashMap<String, Tensor>) -> Llama {
         .filter(|(k, _)| k.starts_with("model.") || k.starts_with("lm_head"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Llama::from_tensors(tiny_config(), &weights).unwrap()
+    Llama::from_tensors(tiny_config(), weights).unwrap()
 }
 
 #[test]
@@ -122,7 +122,7 @@ fn config_errors_name_the_fields() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     w.insert("model.norm.weight".into(), Tensor::ones([31]));
-    let e = Llama::from_tensors(tiny_config(), &w)
+    let e = Llama::from_tensors(tiny_config(), w)
         .err()
         .expect("refused")
         .to_string();
