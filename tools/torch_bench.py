@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch reference for nerve-bench: the same workloads, protocol and output lines.
 
-    pip install torch
+    pip install torch transformers gguf   # transformers + gguf for the *-generate workloads
     python3 tools/torch_bench.py [workload ...] [--min-secs 3] [--threads N]
 
 Run it right after `cargo run --release -p nerve-bench` on the same machine and compare the
@@ -226,6 +226,38 @@ def mamba():
     return step
 
 
+def smollm2_file():
+    """The SmolLM2 GGUF: $NERVE_SMOLLM2_GGUF, else where `nerve data get smollm2` puts it."""
+    default = os.path.join(os.environ.get("NERVE_DATA_DIR", os.path.expanduser("~/.cache/nerve/data")),
+                           "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return os.environ.get("NERVE_SMOLLM2_GGUF", default)
+
+
+def greedy(model, ids, new):
+    """Greedy decoding of exactly `new` tokens with the key/value cache (transformers)."""
+    return lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  use_cache=True, pad_token_id=0)
+
+
+def smollm2_generate():
+    """transformers' LlamaForCausalLM from the GGUF (dequantised to f32), as the workload says."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, name = os.path.split(os.path.abspath(smollm2_file()))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    return greedy(model, ids, 64)
+
+
+def gpt2_generate():
+    """GPT-2 small with random weights (transformers), 16 prompt tokens, 64 new."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    ids = torch.tensor([[(i * 7919) % 50257 for i in range(16)]])
+    return greedy(model, ids, 64)
+
+
 def softmax():
     a = torch.randn(4096, 1024)
     return lambda: torch.softmax(a, -1)
@@ -244,6 +276,8 @@ WORKLOADS = [
     ("add-16m", "GB/s", 3 * 4 * EW_N / 1e9, add, False),
     ("gelu-16m", "Gelem/s", EW_N / 1e9, gelu, False),
     ("softmax-4096x1024", "Gelem/s", 4096 * 1024 / 1e9, softmax, False),
+    ("gpt2-generate", "new_tokens/s", 64, gpt2_generate, False),
+    ("smollm2-generate", "new_tokens/s", 64, smollm2_generate, False),
 ]
 
 

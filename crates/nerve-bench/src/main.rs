@@ -251,6 +251,69 @@ fn workloads() -> Vec<Workload> {
                 }))
             },
         },
+        // GPT-2 small (124M) with random weights: 16 prompt tokens, 64 greedy new tokens with
+        // the key/value cache.
+        Workload {
+            name: "gpt2-generate",
+            unit: "new_tokens/s",
+            work: 64.0,
+            setup: || {
+                manual_seed(0);
+                let model = nerve_core::no_grad(|| {
+                    nerve_models::Gpt::new(nerve_models::GptConfig {
+                        vocab_size: 50257,
+                        context: 1024,
+                        layers: 12,
+                        heads: 12,
+                        width: 768,
+                        dropout: 0.0,
+                    })
+                })?;
+                let prompt: Vec<i64> = (0..16).map(|i| (i * 7919) % 50257).collect();
+                Ok(Box::new(move || {
+                    let out = model.generate(&prompt, 64, 0.0, 0)?;
+                    std::hint::black_box(out);
+                    Ok(())
+                }))
+            },
+        },
+        // SmolLM2-135M-Instruct from its GGUF file, dequantised to f32: the 5 tokens of "The
+        // capital of France is", then 64 greedy new tokens with the key/value cache.
+        Workload {
+            name: "smollm2-generate",
+            unit: "new_tokens/s",
+            work: 64.0,
+            setup: || {
+                let path = smollm2_file();
+                let (model, tok) = nerve_models::gguf::load_llama(&path).map_err(|e| {
+                    nerve_core::Error::invalid(
+                        "smollm2-generate",
+                        format!("{e} (run `nerve data get smollm2` or set NERVE_SMOLLM2_GGUF)"),
+                    )
+                })?;
+                let prompt: Vec<i64> = tok
+                    .encode("The capital of France is", true)
+                    .map_err(|e| nerve_core::Error::invalid("smollm2-generate", e.to_string()))?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect();
+                Ok(Box::new(move || {
+                    let out = model.generate_with(
+                        &prompt,
+                        64,
+                        &[],
+                        |l, _| {
+                            (0..l.len())
+                                .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+                                .unwrap_or(0) as i64
+                        },
+                        |_| Ok(()),
+                    )?;
+                    std::hint::black_box(out);
+                    Ok(())
+                }))
+            },
+        },
         // Softmax over the last dim of 4096 rows of 1024 (attention-sized rows).
         Workload {
             name: "softmax-4096x1024",
@@ -265,6 +328,21 @@ fn workloads() -> Vec<Workload> {
             },
         },
     ]
+}
+
+/// The SmolLM2 GGUF: `$NERVE_SMOLLM2_GGUF`, else where `nerve data get smollm2` puts it.
+fn smollm2_file() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("NERVE_SMOLLM2_GGUF") {
+        return p.into();
+    }
+    let root = std::env::var_os("NERVE_DATA_DIR").map_or_else(
+        || {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/nerve/data")
+        },
+        std::path::PathBuf::from,
+    );
+    root.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 fn run(w: &Workload, min_secs: f64) -> Result<()> {

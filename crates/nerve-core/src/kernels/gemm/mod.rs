@@ -239,6 +239,14 @@ pub unsafe fn gemm<T: GemmFloat>(
         }
         return;
     }
+    if m <= GEMV_MAX_M && rsb == 1 && csb != 1 {
+        // SAFETY: forwarded contract.
+        return unsafe {
+            gemv_rows(
+                m, n, k, alpha, a, rsa, csa, b, csb, beta, c, rsc, csc, parallel,
+            )
+        };
+    }
     let kern = T::kernel_for(m);
     let (mr, nr) = (kern.mr, kern.nr);
     let size = std::mem::size_of::<T>();
@@ -655,6 +663,111 @@ unsafe fn tile_update<T: GemmFloat>(
     }
 }
 
+/// Products with at most this many rows whose B is a transposed row-major matrix run as dot
+/// products ([`gemv_rows`]).
+const GEMV_MAX_M: usize = 4;
+/// Columns of one parallel task of [`gemv_rows`].
+const GEMV_COLS: usize = 64;
+
+/// `C = alpha · A·B + beta · C` for a few rows of A and `B = Wᵀ` with `W` row-major (`rsb` =
+/// 1): every element of C is a dot product of a row of A with a row of W. This streams W once
+/// without packing it — what decoding (one token's activations times every weight matrix)
+/// and other few-row products need, being bound by reading the weights.
+///
+/// # Safety
+/// As [`sgemm`], with `rsb == 1`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_rows<T: GemmFloat>(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    rsc: isize,
+    csc: isize,
+    parallel: bool,
+) {
+    // The rows of A, contiguous (a copy only when A is strided).
+    let mut rows = Vec::with_capacity(m * k);
+    for i in 0..m {
+        for l in 0..k {
+            // SAFETY: inside A by the caller's contract.
+            rows.push(unsafe { *a.offset(i as isize * rsa + l as isize * csa) });
+        }
+    }
+    let rows = &rows;
+    let (b, c) = (SendPtr(b as *mut T), SendPtr(c));
+    let block = |j0: usize, j1: usize| {
+        super::with_simd(|| {
+            for j in j0..j1 {
+                // SAFETY: row j of W (column j of B) holds k elements from b + j·csb.
+                let w = unsafe { std::slice::from_raw_parts(b.get().offset(j as isize * csb), k) };
+                for i in 0..m {
+                    let d = dot(&rows[i * k..(i + 1) * k], w);
+                    // SAFETY: inside C by the caller's contract; tasks write disjoint columns.
+                    unsafe {
+                        let cp = c.get().offset(i as isize * rsc + j as isize * csc);
+                        *cp = if beta == T::ZERO {
+                            alpha * d
+                        } else {
+                            alpha * d + beta * *cp
+                        };
+                    }
+                }
+            }
+        })
+    };
+    let tasks = n.div_ceil(GEMV_COLS);
+    if parallel && tasks > 1 && m * n * k >= GEMV_PAR_MIN && num_threads() > 1 {
+        install(|| {
+            (0..tasks)
+                .into_par_iter()
+                .for_each(|t| block(t * GEMV_COLS, ((t + 1) * GEMV_COLS).min(n)))
+        });
+    } else {
+        block(0, n);
+    }
+}
+
+/// Multiply-adds above which [`gemv_rows`] splits its columns between threads (one weight
+/// matrix of a small model's decoding step is ~3·10⁵).
+const GEMV_PAR_MIN: usize = 1 << 15;
+
+/// `Σ x_l·y_l` with 16 independent partial sums (vectorised under [`super::with_simd`]).
+#[inline(always)]
+fn dot<T: Float>(x: &[T], y: &[T]) -> T {
+    const L: usize = 16;
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    let mut acc = [T::ZERO; L];
+    let mut xc = x.chunks_exact(L);
+    let mut yc = y.chunks_exact(L);
+    for (xs, ys) in (&mut xc).zip(&mut yc) {
+        for l in 0..L {
+            acc[l] += xs[l] * ys[l];
+        }
+    }
+    let mut tail = T::ZERO;
+    for (&p, &q) in xc.remainder().iter().zip(yc.remainder()) {
+        tail += p * q;
+    }
+    // Pairwise sum of the lanes.
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,6 +820,10 @@ mod tests {
             (2, 500, 30),
             (61, 97, 800),
             (40, 1000, 300),
+            // Few rows times a transposed B: the dot-product path, serial and parallel.
+            (4, 700, 576),
+            (1, 1000, 100),
+            (5, 130, 70),
         ];
         for level in ["plain", "avx2", ""] {
             super::super::set_simd_cap_for_tests(level);
