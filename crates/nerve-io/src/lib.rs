@@ -10,6 +10,7 @@
 pub mod error;
 pub mod gguf;
 pub mod pickle;
+pub mod safetensors;
 pub mod torch;
 
 pub use error::FormatError;

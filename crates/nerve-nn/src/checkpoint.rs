@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use nerve_core::{DType, Tensor};
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, View};
 
 use crate::module::{Module, ModuleExt, StateDictError};
 use crate::optim::Optimizer;
@@ -125,46 +125,6 @@ fn to_raw(t: &Tensor) -> nerve_core::Result<Raw> {
     })
 }
 
-fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
-    b.chunks_exact(N)
-        .map(|c| c.try_into().expect("exact chunk"))
-}
-
-fn from_bytes(dtype: Dtype, shape: &[usize], b: &[u8]) -> Result<Tensor, String> {
-    let t = match dtype {
-        Dtype::F32 => Tensor::from_vec(
-            chunks::<4>(b).map(f32::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-        ),
-        Dtype::F64 => Tensor::from_vec(
-            chunks::<8>(b).map(f64::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-        ),
-        Dtype::F16 => Tensor::from_vec(
-            chunks::<2>(b).map(f16::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-        ),
-        Dtype::BF16 => Tensor::from_vec(
-            chunks::<2>(b).map(bf16::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-        ),
-        Dtype::I64 => Tensor::from_vec(
-            chunks::<8>(b).map(i64::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-        ),
-        Dtype::I32 => Tensor::from_vec(
-            chunks::<4>(b)
-                .map(|c| i32::from_le_bytes(c) as i64)
-                .collect::<Vec<_>>(),
-            shape,
-        ),
-        Dtype::U8 => Tensor::from_vec(b.iter().map(|&v| v as i64).collect::<Vec<_>>(), shape),
-        Dtype::BOOL => Tensor::from_vec(b.to_vec(), shape),
-        d => return Err(format!("unsupported dtype {d:?}")),
-    };
-    t.map_err(|e| e.to_string())
-}
-
 /// Write named tensors (and string metadata) to a safetensors file, atomically.
 pub fn save_safetensors(
     path: impl AsRef<Path>,
@@ -223,26 +183,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     result.map_err(io)
 }
 
-/// Read every tensor of a safetensors file, with its metadata.
+/// Read every tensor of a safetensors file, with its metadata (the reader of
+/// [`nerve_io::safetensors`]).
 pub fn load_safetensors(path: impl AsRef<Path>) -> Result<(Tensors, Metadata), CheckpointError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
-        path: path.into(),
-        source,
+    let (tensors, meta) = nerve_io::safetensors::load(path).map_err(|e| match e {
+        nerve_io::FormatError::Io { path, source } => CheckpointError::Io { path, source },
+        other => CheckpointError::Format {
+            path: path.into(),
+            msg: other.to_string(),
+        },
     })?;
-    let fmt = |msg: String| CheckpointError::Format {
-        path: path.into(),
-        msg,
-    };
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| fmt(e.to_string()))?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let t = from_bytes(view.dtype(), view.shape(), view.data())
-            .map_err(|m| fmt(format!("tensor {name}: {m}")))?;
-        out.insert(name, t);
-    }
-    Ok((out, meta.metadata().clone().unwrap_or_default()))
+    Ok((tensors.into_iter().collect(), meta))
 }
 
 /// Save a model's `state_dict` (parameters and buffers) to a safetensors file.
