@@ -3,6 +3,7 @@
 //! `nerve train` with no arguments trains the `cnn` network on the embedded 8×8 digits set in a
 //! few seconds and writes a checkpoint to `runs/cnn-digits/`.
 
+mod classify;
 mod data;
 mod diffusion;
 mod lm;
@@ -59,6 +60,8 @@ enum Cmd {
     Generate(lm::GenerateArgs),
     /// Draw images from a trained diffusion model into a PNG grid.
     Sample(diffusion::SampleArgs),
+    /// Name the ImageNet classes of photos with the pretrained EfficientNet-Lite0.
+    Classify(classify::ClassifyArgs),
     /// Data sets.
     Data {
         #[command(subcommand)]
@@ -310,6 +313,7 @@ fn main() {
         Cmd::Eval(a) => eval(a),
         Cmd::Generate(a) => lm::generate(a),
         Cmd::Sample(a) => diffusion::sample(a),
+        Cmd::Classify(a) => classify::run(&a),
         Cmd::Data {
             cmd: DataCmd::Get { name },
         } => {

@@ -9,6 +9,8 @@
 //! * [`text`]: character-level text for language models ([`CharTokenizer`], windows);
 //! * [`tokenizer`]: subword tokenizers of pretrained models ([`Tokenizer`]: `tokenizer.json`
 //!   or a GGUF vocabulary, chat templates, streaming decoding);
+//! * [`vision`]: photos for image classifiers (JPEG/PNG decoding, PIL-exact resize, centre
+//!   crop, normalisation);
 //! * [`Dataset`]: an in-memory labelled set (split, subset, normalize, batch);
 //! * [`DataLoader`]: shuffled mini-batches with augmentation and background prefetch.
 //!
@@ -39,6 +41,7 @@ pub mod loader;
 pub mod mnist;
 pub mod text;
 pub mod tokenizer;
+pub mod vision;
 
 pub use augment::Augment;
 pub use csv::{load_csv, CsvOptions};

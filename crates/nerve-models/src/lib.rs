@@ -7,6 +7,7 @@
 pub mod char_rnn;
 pub mod cnn;
 pub mod ddpm;
+pub mod efficientnet;
 pub mod gguf;
 pub mod gpt;
 pub mod llama;
@@ -18,6 +19,7 @@ pub mod vit;
 
 pub use char_rnn::{CharRnn, CharRnnCell, CharRnnConfig};
 pub use cnn::cnn;
+pub use efficientnet::{EfficientNet, EfficientNetConfig};
 pub use gpt::{Gpt, GptConfig};
 pub use llama::{Llama, LlamaCache, LlamaConfig};
 pub use lm::{LanguageModel, Sampler, SamplingOptions};
