@@ -6,6 +6,7 @@
 mod classify;
 mod data;
 mod diffusion;
+mod embed;
 mod lm;
 mod models;
 mod pretrained;
@@ -62,6 +63,8 @@ enum Cmd {
     Sample(diffusion::SampleArgs),
     /// Name the ImageNet classes of photos with the pretrained EfficientNet-Lite0.
     Classify(classify::ClassifyArgs),
+    /// Sentence embeddings with a pretrained encoder (all-MiniLM-L6-v2 by default).
+    Embed(embed::EmbedArgs),
     /// Data sets.
     Data {
         #[command(subcommand)]
@@ -314,6 +317,7 @@ fn main() {
         Cmd::Generate(a) => lm::generate(a),
         Cmd::Sample(a) => diffusion::sample(a),
         Cmd::Classify(a) => classify::run(&a),
+        Cmd::Embed(a) => embed::run(&a),
         Cmd::Data {
             cmd: DataCmd::Get { name },
         } => {

@@ -4,6 +4,7 @@
 //! structure (and so the same `state_dict` names) as its PyTorch twin.
 #![warn(missing_docs)]
 
+pub mod bert;
 pub mod char_rnn;
 pub mod cnn;
 pub mod ddpm;
@@ -17,6 +18,7 @@ pub mod mlp;
 pub mod unet;
 pub mod vit;
 
+pub use bert::{load_sentence_encoder, Bert, BertConfig};
 pub use char_rnn::{CharRnn, CharRnnCell, CharRnnConfig};
 pub use cnn::cnn;
 pub use efficientnet::{EfficientNet, EfficientNetConfig};
