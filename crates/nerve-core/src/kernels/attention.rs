@@ -445,7 +445,10 @@ pub fn cached_attention<T: GemmFloat>(
     scale: T,
 ) -> Vec<T> {
     let (b, g, d, s) = (cache.batch, cache.heads, cache.dim, cache.len);
-    assert!(g > 0 && heads.is_multiple_of(g) && t <= s, "cached_attention: sizes");
+    assert!(
+        g > 0 && heads.is_multiple_of(g) && t <= s,
+        "cached_attention: sizes"
+    );
     assert_eq!(q.len(), b * heads * t * d, "cached_attention: queries");
     let rep = heads / g;
     let past = s - t;
