@@ -258,6 +258,25 @@ def gpt2_generate():
     return greedy(model, ids, 64)
 
 
+def minilm_embed():
+    """all-MiniLM-L6-v2 (transformers BertModel from the folder `nerve data get minilm` fills),
+    32 x 128 seeded random ids, full mask; forward, mean pooling, L2 normalisation."""
+    from transformers import BertModel
+    default = os.path.join(os.environ.get("NERVE_DATA_DIR", os.path.expanduser("~/.cache/nerve/data")), "minilm")
+    model = BertModel.from_pretrained(os.environ.get("NERVE_MINILM_DIR", default)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (32, 128), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones(32, 128, dtype=torch.long)
+
+    def step():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(e, p=2, dim=1)
+    return step
+
+
 def softmax():
     a = torch.randn(4096, 1024)
     return lambda: torch.softmax(a, -1)
@@ -278,6 +297,7 @@ WORKLOADS = [
     ("softmax-4096x1024", "Gelem/s", 4096 * 1024 / 1e9, softmax, False),
     ("gpt2-generate", "new_tokens/s", 64, gpt2_generate, False),
     ("smollm2-generate", "new_tokens/s", 64, smollm2_generate, False),
+    ("minilm-embed", "sequences/s", 32, minilm_embed, False),
 ]
 
 

@@ -284,7 +284,10 @@ fn workloads() -> Vec<Workload> {
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
-                let path = smollm2_file();
+                let path = data_file(
+                    "NERVE_SMOLLM2_GGUF",
+                    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                );
                 let (model, tok) = nerve_models::gguf::load_llama(&path).map_err(|e| {
                     nerve_core::Error::invalid(
                         "smollm2-generate",
@@ -314,6 +317,40 @@ fn workloads() -> Vec<Workload> {
                 }))
             },
         },
+        // all-MiniLM-L6-v2: 32 sequences of 128 seeded random ids, full attention mask;
+        // forward, mean pooling, L2 normalisation, no gradients.
+        Workload {
+            name: "minilm-embed",
+            unit: "sequences/s",
+            work: 32.0,
+            setup: || {
+                let dir = data_file("NERVE_MINILM_DIR", "minilm");
+                let (model, _) = nerve_models::load_sentence_encoder(&dir).map_err(|e| {
+                    nerve_core::Error::invalid(
+                        "minilm-embed",
+                        format!("{e} (run `nerve data get minilm` or set NERVE_MINILM_DIR)"),
+                    )
+                })?;
+                let mut rng = nerve_core::random::Generator::new(0);
+                let ids: Vec<i64> = (0..32 * 128)
+                    .map(|i| match i % 128 {
+                        0 => 101,
+                        127 => 102,
+                        _ => 1000 + rng.below(29000) as i64,
+                    })
+                    .collect();
+                let ids = Tensor::from_vec(ids, [32, 128])?;
+                let mask = Tensor::ones([32, 128]).to_dtype(nerve_core::DType::I64)?;
+                Ok(Box::new(move || {
+                    let e = nerve_core::no_grad(|| -> Result<Tensor> {
+                        let h = model.forward_masked(&ids, &mask, None)?;
+                        nerve_models::bert::l2_normalize(&nerve_models::bert::mean_pool(&h, &mask)?)
+                    })?;
+                    std::hint::black_box(e);
+                    Ok(())
+                }))
+            },
+        },
         // Softmax over the last dim of 4096 rows of 1024 (attention-sized rows).
         Workload {
             name: "softmax-4096x1024",
@@ -330,9 +367,10 @@ fn workloads() -> Vec<Workload> {
     ]
 }
 
-/// The SmolLM2 GGUF: `$NERVE_SMOLLM2_GGUF`, else where `nerve data get smollm2` puts it.
-fn smollm2_file() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("NERVE_SMOLLM2_GGUF") {
+/// A fetched model file: `$var`, else `rel` under where `nerve data get` puts things
+/// (`$NERVE_DATA_DIR`, else `~/.cache/nerve/data`).
+fn data_file(var: &str, rel: &str) -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os(var) {
         return p.into();
     }
     let root = std::env::var_os("NERVE_DATA_DIR").map_or_else(
@@ -342,7 +380,7 @@ fn smollm2_file() -> std::path::PathBuf {
         },
         std::path::PathBuf::from,
     );
-    root.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    root.join(rel)
 }
 
 fn run(w: &Workload, min_secs: f64) -> Result<()> {
