@@ -663,10 +663,10 @@ fn linear(
     out: usize,
     inp: usize,
 ) -> Result<Linear> {
-    Ok(Linear {
-        weight: get(format!("{p}.weight"), &[out, inp])?,
-        bias: Some(get(format!("{p}.bias"), &[out])?),
-    })
+    Ok(Linear::from_parts(
+        get(format!("{p}.weight"), &[out, inp])?,
+        Some(get(format!("{p}.bias"), &[out])?),
+    ))
 }
 
 /// A LayerNorm over the last `d` features from `get(<p>.weight)` and `get(<p>.bias)`.

@@ -587,10 +587,10 @@ impl EfficientNet {
         let last = c.round_filters(STAGES[STAGES.len() - 1].output);
         let conv_head = same_conv(p, "_conv_head", last, HEAD_CHANNELS, 1, 1, 1)?;
         let bn1 = batch_norm(p, "_bn1", HEAD_CHANNELS, c)?;
-        let fc = Linear {
-            weight: p("_fc.weight", &[c.num_classes, HEAD_CHANNELS])?.requires_grad_(true),
-            bias: Some(p("_fc.bias", &[c.num_classes])?.requires_grad_(true)),
-        };
+        let fc = Linear::from_parts(
+            p("_fc.weight", &[c.num_classes, HEAD_CHANNELS])?.requires_grad_(true),
+            Some(p("_fc.bias", &[c.num_classes])?.requires_grad_(true)),
+        );
         Ok(Self {
             conv_stem,
             bn0,

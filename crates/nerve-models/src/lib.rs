@@ -24,7 +24,7 @@ pub use cnn::cnn;
 pub use efficientnet::{EfficientNet, EfficientNetConfig};
 pub use gpt::{Gpt, GptConfig};
 pub use llama::{Llama, LlamaCache, LlamaConfig};
-pub use lm::{LanguageModel, Sampler, SamplingOptions};
+pub use lm::{causal_lm_loss, LanguageModel, Sampler, SamplingOptions};
 pub use mamba::{MambaConfig, MambaLm, MixerModel};
 pub use mlp::mlp;
 pub use unet::{UNet, UNetConfig};

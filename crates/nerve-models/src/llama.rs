@@ -495,7 +495,7 @@ impl Llama {
         let mut get = |name: String, shape: &[usize]| -> Result<Tensor> {
             Ok(param(&name, shape)?.requires_grad_(true))
         };
-        let lin = |weight: Tensor| Linear { weight, bias: None };
+        let lin = |weight: Tensor| Linear::from_parts(weight, None);
         let norm = |weight: Tensor| RmsNorm {
             weight,
             normalized_shape: vec![d],

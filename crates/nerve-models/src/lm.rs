@@ -22,6 +22,31 @@ pub trait LanguageModel: Module {
     ) -> Result<Vec<i64>>;
 }
 
+/// The causal language-modelling loss: mean cross-entropy of the logits `[batch, seq, vocab]`
+/// at each position against the next token of `ids` `[batch, seq]` (the last position has
+/// none), as transformers computes it with `labels = input_ids`. Ids equal to −100 are
+/// ignored (padding).
+pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (ld, id) = (logits.dims(), ids.dims());
+    if ld.len() != 3 || id.len() != 2 || ld[..2] != id[..] {
+        return Err(Error::shape_mismatch("causal_lm_loss", ld, id));
+    }
+    let (b, t, v) = (ld[0], ld[1], ld[2]);
+    let ids = ids.to_vec::<i64>()?;
+    let mut targets = vec![-100i64; b * t];
+    for row in 0..b {
+        targets[row * t..row * t + t - 1].copy_from_slice(&ids[row * t + 1..row * t + t]);
+    }
+    let targets = Tensor::from_vec(targets, [b * t])?;
+    // Shifting the targets instead of the logits keeps the logits a view (no copy of the
+    // largest tensor of the step).
+    nerve_nn::loss::cross_entropy(
+        &logits.reshape(&[(b * t) as isize, v as isize])?,
+        &targets,
+        &Default::default(),
+    )
+}
+
 /// Refuse an empty prompt or ids outside `0..vocab` (the check every `generate` starts with).
 pub fn check_prompt(prompt: &[i64], vocab: usize) -> Result<()> {
     if prompt.is_empty() {

@@ -1,6 +1,7 @@
 //! Layers with PyTorch's names, parameter names, shapes and default initialisation.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use nerve_core::{no_grad, DType, Error, Result, Tensor};
 
@@ -40,11 +41,16 @@ fn weight_and_bias(w: &Tensor, b: &Option<Tensor>) -> Vec<(String, Tensor)> {
 // ------------------------------------------------------------------------------------ Linear
 
 /// `y = x Wᵀ + b` over the last dimension. Weight `[out_features, in_features]`.
+///
+/// A Linear may carry a LoRA adapter ([`crate::lora`]): then
+/// `y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` with `A` `[r, in]`, `B` `[out, r]` and `s` the
+/// adapter's scaling, and its parameters include `lora_A.weight` and `lora_B.weight`.
 pub struct Linear {
     /// `[out_features, in_features]`.
     pub weight: Tensor,
     /// `[out_features]`, if any.
     pub bias: Option<Tensor>,
+    lora: RwLock<Option<Arc<LoraAdapter>>>,
 }
 
 impl Linear {
@@ -63,25 +69,153 @@ impl Linear {
         let weight = param(&[out_features, in_features]);
         let bias = bias.then(|| param(&[out_features]));
         default_weight_bias(&weight, bias.as_ref(), init)?;
-        Ok(Self { weight, bias })
+        Ok(Self::from_parts(weight, bias))
+    }
+
+    /// A layer around existing tensors (loaded weights); no adapter.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: RwLock::new(None),
+        }
+    }
+
+    /// `in_features`.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `out_features`.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// The LoRA adapter, if one is attached.
+    pub fn lora(&self) -> Option<Arc<LoraAdapter>> {
+        self.lora.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Attach `adapter` (replacing any other); its shapes must fit this layer.
+    pub fn set_lora(&self, adapter: LoraAdapter) -> Result<()> {
+        let (a, b) = (adapter.a.dims(), adapter.b.dims());
+        if a.len() != 2
+            || b.len() != 2
+            || a[1] != self.in_features()
+            || b[0] != self.out_features()
+            || a[0] != b[1]
+        {
+            return Err(Error::invalid(
+                "Linear::set_lora",
+                format!(
+                    "adapter lora_A {a:?} / lora_B {b:?} does not fit a Linear of weight {:?} \
+                     (want [r, {}] and [{}, r])",
+                    self.weight.dims(),
+                    self.in_features(),
+                    self.out_features()
+                ),
+            ));
+        }
+        *self.lora.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(adapter));
+        Ok(())
+    }
+
+    /// Detach and return the adapter, leaving the base weights as they are.
+    pub fn take_lora(&self) -> Option<Arc<LoraAdapter>> {
+        self.lora.write().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Fold the adapter into the weight (`W += s · B A`) and detach it; returns whether there
+    /// was one. The output is unchanged (up to rounding) and costs nothing extra afterwards.
+    pub fn merge_lora(&self) -> Result<bool> {
+        let Some(adapter) = self.take_lora() else {
+            return Ok(false);
+        };
+        no_grad(|| {
+            let delta = adapter
+                .b
+                .matmul(&adapter.a)?
+                .mul_scalar(adapter.scaling)?
+                .to_dtype(self.weight.dtype())?;
+            self.weight.copy_(&self.weight.add(&delta)?)
+        })?;
+        Ok(true)
+    }
+}
+
+/// A low-rank adapter of a [`Linear`] (Hu et al. 2021; PEFT's `LoraLayer`): `A` `[r, in]`,
+/// `B` `[out, r]`, output `scaling · B A dropout(x)` added to the layer's.
+pub struct LoraAdapter {
+    /// `lora_A.weight`, `[r, in_features]`.
+    pub a: Tensor,
+    /// `lora_B.weight`, `[out_features, r]`.
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub scaling: f64,
+    /// Dropout on the adapter's input.
+    pub dropout: Dropout,
+}
+
+impl LoraAdapter {
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// The adapter's contribution for input `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.dropout.p > 0.0 {
+            self.dropout.forward(x)?
+        } else {
+            x.clone()
+        };
+        x.matmul(&self.a.t()?)?
+            .mul_scalar(self.scaling)?
+            .matmul(&self.b.t()?)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.add(b),
+        let y = match &self.bias {
+            Some(b) => y.add(b)?,
+            None => y,
+        };
+        match self.lora() {
+            Some(adapter) => y.add(&adapter.forward(x)?),
             None => Ok(y),
         }
     }
     fn own_parameters(&self) -> Vec<(String, Tensor)> {
-        weight_and_bias(&self.weight, &self.bias)
+        let mut v = weight_and_bias(&self.weight, &self.bias);
+        if let Some(adapter) = self.lora() {
+            v.push(("lora_A.weight".into(), adapter.a.clone()));
+            v.push(("lora_B.weight".into(), adapter.b.clone()));
+        }
+        v
+    }
+    fn set_training(&self, training: bool) {
+        if let Some(adapter) = self.lora() {
+            adapter.dropout.set_training(training);
+        }
+    }
+    fn as_linear(&self) -> Option<&Linear> {
+        Some(self)
     }
     fn describe(&self) -> String {
         let d = self.weight.dims();
+        let lora = match self.lora() {
+            Some(a) => format!(
+                ", lora(r={}, scaling={}, dropout={})",
+                a.rank(),
+                a.scaling,
+                a.dropout.p
+            ),
+            None => String::new(),
+        };
         format!(
-            "Linear(in_features={}, out_features={}, bias={})",
+            "Linear(in_features={}, out_features={}, bias={}{lora})",
             d[1],
             d[0],
             self.bias.is_some()

@@ -31,6 +31,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod init;
 pub mod layers;
+pub mod lora;
 pub mod loss;
 pub mod lr;
 pub mod mamba;
@@ -48,14 +49,15 @@ pub use init::Init;
 pub use layers::{
     batch_norm1d, batch_norm2d, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv1d, Conv2d,
     ConvOptions, ConvTranspose2d, Dropout, Embedding, Flatten, GroupNorm, LayerNorm, LeakyReLU,
-    Linear, MaxPool2d, ReLU, RmsNorm, SiLU, Sigmoid, Softmax, Tanh, GELU,
+    Linear, LoraAdapter, MaxPool2d, ReLU, RmsNorm, SiLU, Sigmoid, Softmax, Tanh, GELU,
 };
+pub use lora::{LoraConfig, LoraError, TargetModules};
 pub use lr::LrSchedule;
 pub use mamba::{
     causal_conv1d, selective_scan, selective_state_update, MambaBlock, MambaCache, MambaLayer,
     MambaOptions,
 };
-pub use module::{Module, ModuleExt, Sequential, StateDictError};
+pub use module::{glob_match, Module, ModuleExt, Sequential, StateDictError};
 pub use optim::{clip_grad_norm, clip_grad_value, Adagrad, Adam, Optimizer, RmsProp, Sgd};
 pub use rnn::{gru, lstm, Rnn, RnnKind, RnnOptions, RnnState};
 pub use transformer::{apply_rotary, sinusoidal_encoding, BlockOptions, TransformerBlock};

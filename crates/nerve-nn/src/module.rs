@@ -37,6 +37,11 @@ pub trait Module: Send + Sync {
     fn describe(&self) -> String {
         String::new()
     }
+
+    /// This module as a [`Linear`](crate::Linear), if it is one (how LoRA finds its targets).
+    fn as_linear(&self) -> Option<&crate::Linear> {
+        None
+    }
 }
 
 /// Recursive helpers every module gets.
@@ -175,6 +180,53 @@ pub trait ModuleExt: Module {
         n
     }
 
+    /// Turn gradients off (`freeze = true`) or on for every parameter whose full name matches
+    /// the glob `pattern` (`*` stands for any run of characters, dots included:
+    /// `"model.layers.*.mlp.*"`, `"*.bias"`); returns how many parameters were changed.
+    fn set_frozen_matching(&self, pattern: &str, freeze: bool) -> usize {
+        let mut n = 0;
+        for (name, t) in self.named_parameters() {
+            if glob_match(pattern, &name) {
+                t.set_requires_grad(!freeze);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The parameters that collect gradients (what an optimizer should get).
+    fn trainable_parameters(&self) -> Vec<Tensor> {
+        self.parameters()
+            .into_iter()
+            .filter(Tensor::requires_grad)
+            .collect()
+    }
+
+    /// Number of scalar parameters that collect gradients.
+    fn num_trainable_parameters(&self) -> usize {
+        self.trainable_parameters().iter().map(Tensor::numel).sum()
+    }
+
+    /// This module and every descendant with its dotted name (`""` for this one), depth
+    /// first in registration order, like PyTorch's `named_modules()`.
+    fn named_modules(&self) -> Vec<(String, &dyn Module)> {
+        fn rec<'a>(m: &'a dyn Module, name: String, out: &mut Vec<(String, &'a dyn Module)>) {
+            let kids = m.children();
+            out.push((name.clone(), m));
+            for (n, c) in kids {
+                let full = if name.is_empty() {
+                    n
+                } else {
+                    format!("{name}.{n}")
+                };
+                rec(c, full, out);
+            }
+        }
+        let mut out = Vec::new();
+        rec(self.as_dyn(), String::new(), &mut out);
+        out
+    }
+
     /// Clear the gradients of every parameter.
     fn zero_grad(&self) {
         for p in self.parameters() {
@@ -221,6 +273,31 @@ impl<'a> ModuleExt for dyn Module + 'a {
     fn as_dyn(&self) -> &dyn Module {
         self
     }
+}
+
+/// Whether `name` matches the glob `pattern`, where `*` matches any run of characters
+/// (dots included) and every other character itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    // Classic greedy matching with backtracking to the last star.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && p[i] == n[j] {
+            i += 1;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == b'*')
 }
 
 /// Visit `m` and its descendants depth-first with their dotted prefixes (`"features.0."`).
