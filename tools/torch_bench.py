@@ -277,6 +277,32 @@ def minilm_embed():
     return step
 
 
+def lora_finetune():
+    """SmolLM2 f32 base frozen, PEFT LoRA r 8 alpha 16 on q_proj and v_proj, batch 4 x 128 seeded
+    random ids, causal LM loss on every position, AdamW lr 1e-4 on the adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, name = os.path.split(os.path.abspath(smollm2_file()))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.0))
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 128), generator=g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            weight_decay=0.01)
+
+    def step():
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
 def softmax():
     a = torch.randn(4096, 1024)
     return lambda: torch.softmax(a, -1)
@@ -298,6 +324,7 @@ WORKLOADS = [
     ("gpt2-generate", "new_tokens/s", 64, gpt2_generate, False),
     ("smollm2-generate", "new_tokens/s", 64, smollm2_generate, False),
     ("minilm-embed", "sequences/s", 32, minilm_embed, False),
+    ("lora-finetune", "tokens/s", 4 * 128, lora_finetune, True),
 ]
 
 

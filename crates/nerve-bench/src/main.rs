@@ -351,6 +351,44 @@ fn workloads() -> Vec<Workload> {
                 }))
             },
         },
+        // SmolLM2-135M f32 base, frozen; LoRA rank 8, alpha 16 on q_proj and v_proj of every
+        // layer; batch 4 × 128 seeded random ids, causal LM loss on every position, AdamW lr
+        // 1e-4 on the adapters. The whole step: forward, loss, backward, update, zeroing.
+        Workload {
+            name: "lora-finetune",
+            unit: "tokens/s",
+            work: 4.0 * 128.0,
+            setup: || {
+                let path = data_file(
+                    "NERVE_SMOLLM2_GGUF",
+                    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                );
+                let (model, _) = nerve_models::gguf::load_llama(&path).map_err(|e| {
+                    nerve_core::Error::invalid(
+                        "lora-finetune",
+                        format!("{e} (run `nerve data get smollm2` or set NERVE_SMOLLM2_GGUF)"),
+                    )
+                })?;
+                manual_seed(0);
+                let config = nerve_nn::LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
+                nerve_nn::lora::apply(&model, &config)
+                    .map_err(|e| nerve_core::Error::invalid("lora-finetune", e.to_string()))?;
+                let mut rng = nerve_core::random::Generator::new(0);
+                let vocab = model.config().vocab_size as u64;
+                let ids: Vec<i64> = (0..4 * 128).map(|_| rng.below(vocab) as i64).collect();
+                let ids = Tensor::from_vec(ids, [4, 128])?;
+                let mut opt = Adam::adamw(model.trainable_parameters(), 1e-4, 0.01);
+                model.train();
+                Ok(Box::new(move || {
+                    let l = nerve_models::causal_lm_loss(&model.forward(&ids)?, &ids)?;
+                    l.backward()?;
+                    opt.step()?;
+                    opt.zero_grad();
+                    std::hint::black_box(l);
+                    Ok(())
+                }))
+            },
+        },
         // Softmax over the last dim of 4096 rows of 1024 (attention-sized rows).
         Workload {
             name: "softmax-4096x1024",

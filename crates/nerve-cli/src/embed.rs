@@ -44,7 +44,7 @@ pub struct EmbedArgs {
 }
 
 /// The model folder: `--model`, else the cached all-MiniLM-L6-v2.
-fn model_dir(arg: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn model_dir(arg: Option<&Path>) -> Result<PathBuf> {
     if let Some(dir) = arg {
         if !dir.join("config.json").exists() {
             bail!(

@@ -19,7 +19,7 @@ use crate::run::StepRun;
 use crate::{checkpoint_file, checkpoint_kind, meta_get, progress_bar, stored_config, TrainArgs};
 
 /// The text of `--data`: `shakespeare` (from `nerve data get shakespeare`) or a file.
-fn load_corpus(spec: &str, data_dir: Option<&Path>) -> Result<String> {
+pub(crate) fn load_corpus(spec: &str, data_dir: Option<&Path>) -> Result<String> {
     let path = if spec == "shakespeare" {
         let dir = data_dir.map_or_else(|| crate::data::data_root().join(spec), Path::to_path_buf);
         let p = dir.join(crate::data::SHAKESPEARE_FILE);
@@ -284,6 +284,10 @@ pub struct GenerateArgs {
     /// `nerve data get smollm2`); `smollm2` is short for that file.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A LoRA adapter folder for --model (adapter_config.json + adapter_model.safetensors,
+    /// as `nerve finetune` or PEFT's `save_pretrained` writes), merged into the weights.
+    #[arg(long, requires = "model")]
+    pub adapter: Option<PathBuf>,
     /// Text to continue (for character models: characters of the training text only).
     #[arg(long, default_value = "\n")]
     pub prompt: String,

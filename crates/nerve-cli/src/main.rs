@@ -7,6 +7,7 @@ mod classify;
 mod data;
 mod diffusion;
 mod embed;
+mod finetune;
 mod lm;
 mod models;
 mod pretrained;
@@ -65,6 +66,9 @@ enum Cmd {
     Classify(classify::ClassifyArgs),
     /// Sentence embeddings with a pretrained encoder (all-MiniLM-L6-v2 by default).
     Embed(embed::EmbedArgs),
+    /// Adapt a pretrained model with LoRA adapters or fully: SmolLM2 on a text, MiniLM with a
+    /// classification head on labelled sentences.
+    Finetune(finetune::FinetuneArgs),
     /// Data sets.
     Data {
         #[command(subcommand)]
@@ -318,6 +322,7 @@ fn main() {
         Cmd::Sample(a) => diffusion::sample(a),
         Cmd::Classify(a) => classify::run(&a),
         Cmd::Embed(a) => embed::run(&a),
+        Cmd::Finetune(a) => finetune::run(&a),
         Cmd::Data {
             cmd: DataCmd::Get { name },
         } => {

@@ -13,7 +13,7 @@ use crate::lm::GenerateArgs;
 
 /// The file `--model` names: a path, or `smollm2` for the file `nerve data get smollm2`
 /// fetched.
-fn model_file(arg: &std::path::Path) -> Result<PathBuf> {
+pub(crate) fn model_file(arg: &std::path::Path) -> Result<PathBuf> {
     if arg.exists() {
         return Ok(arg.to_path_buf());
     }
@@ -40,6 +40,15 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     let path = model_file(arg)?;
     let t_load = Instant::now();
     let (model, tok) = nerve_models::gguf::load_llama(&path)?;
+    if let Some(dir) = &a.adapter {
+        let c = nerve_nn::lora::load(&model, dir)?;
+        let n = nerve_nn::lora::merge(&model)?;
+        eprintln!(
+            "merged the LoRA adapter of {} (r={}, {n} modules)",
+            dir.display(),
+            c.r
+        );
+    }
     let load_secs = t_load.elapsed().as_secs_f64();
     let text = if a.chat {
         let mut msgs = Vec::new();

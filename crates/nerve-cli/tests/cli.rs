@@ -485,3 +485,162 @@ fn ddpm_train_and_sample() {
     );
     fails_naming(&["eval", run.to_str().unwrap()], &["nerve sample"]);
 }
+
+/// The number after `key` in `out` (e.g. the accuracy in "held-out accuracy 31.4% -> 95.7%").
+fn figures_after(out: &str, key: &str) -> Vec<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no line starting {key:?} in:\n{out}"));
+    line[key.len()..]
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches(['%', ';', ',']).parse().ok())
+        .collect()
+}
+
+#[test]
+fn finetune_minilm_classifier_with_lora() {
+    let Ok(dir) = std::env::var("NERVE_MINILM_DIR") else {
+        eprintln!("NERVE_MINILM_DIR is not set: MiniLM fine-tuning skipped");
+        return;
+    };
+    let out_dir = tmp("finetune-minilm");
+    let o = nerve(&[
+        "finetune",
+        "--model",
+        &dir,
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("trainable params: 75653 || all params: 22788869"),
+        "{t}"
+    );
+    // Accuracy before and after on the 70 held-out intents.
+    let acc = figures_after(&t, "held-out accuracy");
+    assert!(acc[0] < 50.0 && acc[1] >= 90.0, "{t}");
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "classifier.safetensors",
+        "metrics.csv",
+    ] {
+        assert!(out_dir.join(f).exists(), "{f} missing");
+    }
+    // A labelled file without its header is refused, naming it.
+    let bad = out_dir.join("bad.tsv");
+    std::fs::write(&bad, "positive\tgood\n").unwrap();
+    let o = nerve(&["finetune", "--model", &dir, "--data", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("bad.tsv: the first line must be the header"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&out_dir).ok();
+}
+
+#[test]
+fn finetune_smollm2_lora_then_generate_with_the_adapter() {
+    let Ok(gguf) = std::env::var("NERVE_SMOLLM2_GGUF") else {
+        eprintln!("NERVE_SMOLLM2_GGUF is not set: SmolLM2 fine-tuning skipped");
+        return;
+    };
+    let out_dir = tmp("finetune-smollm2");
+    let corpus = out_dir.join("verse.txt");
+    let verse = "ROMEO:\nBut soft, what light through yonder window breaks?\n\
+                 It is the east, and Juliet is the sun.\n\n";
+    std::fs::write(&corpus, verse.repeat(60)).unwrap();
+    let o = nerve(&[
+        "finetune",
+        "--model",
+        &gguf,
+        "--data",
+        corpus.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-windows",
+        "2",
+        "--lr",
+        "2e-3",
+        "--lora-dropout",
+        "0",
+        "--no-progress",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("trainable params: 460800 || all params: 134975808"),
+        "{t}"
+    );
+    // The held-out part repeats the training text: its loss must fall.
+    let losses = figures_after(&t, "held-out loss");
+    assert!(losses[1] < losses[0], "{t}");
+    let adapter = out_dir.join("adapter");
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    let o = nerve(&[
+        "generate",
+        "--model",
+        &gguf,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--tokens",
+        "4",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("merged the LoRA adapter") && t.contains("r=8, 60 modules"),
+        "{t}"
+    );
+    // A missing adapter folder is refused, naming the file.
+    let o = nerve(&[
+        "generate",
+        "--model",
+        &gguf,
+        "--adapter",
+        "/nonexistent/adapter",
+        "--prompt",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("/nonexistent/adapter/adapter_config.json"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&out_dir).ok();
+}
+
+#[test]
+fn finetune_refuses_unknown_models() {
+    let o = nerve(&["finetune", "--model", "/nonexistent/model.bin"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("--model /nonexistent/model.bin: not `smollm2`, a .gguf file"),
+        "{}",
+        text(&o)
+    );
+    let o = nerve(&["finetune", "--model", "/nonexistent/m.gguf"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("--model /nonexistent/m.gguf: no such file"),
+        "{}",
+        text(&o)
+    );
+}

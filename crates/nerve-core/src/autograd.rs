@@ -57,6 +57,50 @@ impl NoGradGuard {
     }
 }
 
+/// Gradient checkpointing (PyTorch's `torch.utils.checkpoint`): `f(x)` computed without
+/// recording its graph, so none of its intermediate activations are kept; backward runs `f`
+/// again with recording on and backpropagates through that second graph. Memory for one
+/// block's activations is traded for a second forward pass.
+///
+/// `params` are the tensors inside `f` that collect gradients (a layer's trainable
+/// parameters): they make the result differentiable even when `x` is not (a frozen
+/// embedding's output feeding LoRA adapters), and their `.grad` is accumulated by the inner
+/// backward. `f` must compute the same thing twice: the global random generator is put back to
+/// its state of the first pass for the second (dropout masks agree) and restored afterwards.
+pub fn checkpoint(
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    x: &Tensor,
+    params: &[Tensor],
+) -> Result<Tensor> {
+    let wants = x.requires_grad() || params.iter().any(Tensor::requires_grad);
+    if !is_grad_enabled() || !wants {
+        return f(x);
+    }
+    let rng = crate::random::with_global(|g| g.clone());
+    let out = no_grad(|| f(x))?;
+    let saved = x.detach();
+    let x_grad = x.requires_grad();
+    let mut inputs: Vec<&Tensor> = vec![x];
+    inputs.extend(params.iter());
+    let n = inputs.len();
+    Ok(out.attach_backward("checkpoint", &inputs, move |g| {
+        let now = crate::random::with_global(|cur| std::mem::replace(cur, rng.clone()));
+        let prev = set_grad_enabled(true);
+        let leaf = saved.detach().requires_grad_(x_grad);
+        let result = f(&leaf).and_then(|y| {
+            if y.requires_grad() {
+                y.backward_with(g)?;
+            }
+            Ok(leaf.grad())
+        });
+        set_grad_enabled(prev);
+        crate::random::with_global(|cur| *cur = now);
+        let mut grads = vec![None; n];
+        grads[0] = result?;
+        Ok(grads)
+    }))
+}
+
 impl Default for NoGradGuard {
     fn default() -> Self {
         Self::new()

@@ -34,7 +34,7 @@ pub mod storage;
 pub mod tensor;
 pub mod threading;
 
-pub use autograd::{is_grad_enabled, no_grad, set_grad_enabled, NoGradGuard};
+pub use autograd::{checkpoint, is_grad_enabled, no_grad, set_grad_enabled, NoGradGuard};
 pub use dtype::{DType, Element, Float};
 pub use error::{Error, Result};
 pub use layout::Layout;

@@ -18,7 +18,7 @@ pub mod mlp;
 pub mod unet;
 pub mod vit;
 
-pub use bert::{load_sentence_encoder, Bert, BertConfig};
+pub use bert::{load_sentence_encoder, Bert, BertClassifier, BertConfig};
 pub use char_rnn::{CharRnn, CharRnnCell, CharRnnConfig};
 pub use cnn::cnn;
 pub use efficientnet::{EfficientNet, EfficientNetConfig};

@@ -6,10 +6,12 @@
 //! [`LlamaConfig`] uses the field names of its `config.json`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use nerve_core::kernels::attention::{cached_attention, KvBuffer};
 use nerve_core::{no_grad, Error, Result, Tensor};
-use nerve_nn::{Embedding, Linear, Module, RmsNorm, SdpaOptions};
+use nerve_nn::{Embedding, Linear, Module, ModuleExt, RmsNorm, SdpaOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::lm::check_prompt;
@@ -397,8 +399,8 @@ impl Module for LlamaLayer {
 pub struct LlamaModel {
     /// Token embedding `[vocab, hidden]`.
     pub embed_tokens: Embedding,
-    /// The layers.
-    pub layers: Vec<LlamaLayer>,
+    /// The layers (shared, so a checkpointed layer's recomputation can hold one).
+    pub layers: Vec<Arc<LlamaLayer>>,
     /// Final RMSNorm.
     pub norm: RmsNorm,
 }
@@ -413,7 +415,7 @@ impl Module for LlamaModel {
     fn children(&self) -> Vec<(String, &dyn Module)> {
         let mut v: Vec<(String, &dyn Module)> = vec![("embed_tokens".into(), &self.embed_tokens)];
         for (i, l) in self.layers.iter().enumerate() {
-            v.push((format!("layers.{i}"), l));
+            v.push((format!("layers.{i}"), l.as_ref()));
         }
         v.push(("norm".into(), &self.norm));
         v
@@ -428,8 +430,9 @@ pub struct Llama {
     pub model: LlamaModel,
     /// The output projection; `None` when tied to `model.embed_tokens`.
     pub lm_head: Option<Linear>,
-    rope: Rotary,
+    rope: Arc<Rotary>,
     config: LlamaConfig,
+    gradient_checkpointing: AtomicBool,
 }
 
 impl Llama {
@@ -521,7 +524,7 @@ impl Llama {
                 up_proj: lin(get(format!("{p}.mlp.up_proj.weight"), &[ff, d])?),
                 down_proj: lin(get(format!("{p}.mlp.down_proj.weight"), &[d, ff])?),
             };
-            layers.push(LlamaLayer {
+            layers.push(Arc::new(LlamaLayer {
                 self_attn,
                 mlp,
                 input_layernorm: norm(get(format!("{p}.input_layernorm.weight"), &[d])?),
@@ -529,7 +532,7 @@ impl Llama {
                     format!("{p}.post_attention_layernorm.weight"),
                     &[d],
                 )?),
-            });
+            }));
         }
         let model = LlamaModel {
             embed_tokens,
@@ -544,9 +547,17 @@ impl Llama {
         Ok(Self {
             model,
             lm_head,
-            rope: Rotary::new(hd, c.max_position_embeddings, c.rope_theta)?,
+            rope: Arc::new(Rotary::new(hd, c.max_position_embeddings, c.rope_theta)?),
             config,
+            gradient_checkpointing: AtomicBool::new(false),
         })
+    }
+
+    /// Gradient checkpointing (transformers' `gradient_checkpointing_enable()`): when on,
+    /// training forwards keep only each layer's input and recompute the layer during
+    /// backward ([`nerve_core::checkpoint`]): far less memory for about one more forward pass.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.gradient_checkpointing.store(on, Ordering::Relaxed);
     }
 
     /// The configuration.
@@ -579,7 +590,16 @@ impl Llama {
             ));
         }
         let mut x = self.model.embed_tokens.forward(ids)?;
+        let recompute = cache.is_none()
+            && nerve_core::is_grad_enabled()
+            && self.gradient_checkpointing.load(Ordering::Relaxed);
         for (i, layer) in self.model.layers.iter().enumerate() {
+            if recompute {
+                let (l, rope) = (layer.clone(), self.rope.clone());
+                let params = layer.trainable_parameters();
+                x = nerve_core::checkpoint(move |x| l.forward_with(x, &rope, None), &x, &params)?;
+                continue;
+            }
             let lc = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward_with(&x, &self.rope, lc)?;
         }

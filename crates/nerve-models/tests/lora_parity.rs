@@ -89,6 +89,16 @@ fn compare_losses(label: &str, got: &[f64], want: &Tensor, tol: f64) {
 
 #[test]
 fn tiny_llama_lora_matches_peft() {
+    tiny_llama_lora(false);
+}
+
+/// Gradient checkpointing recomputes each layer in backward: the same training run.
+#[test]
+fn tiny_llama_lora_with_checkpointing_matches_peft() {
+    tiny_llama_lora(true);
+}
+
+fn tiny_llama_lora(checkpointing: bool) {
     let (base, _) = load("llama_tiny.safetensors");
     let weights: HashMap<String, Tensor> = base
         .into_iter()
@@ -107,6 +117,7 @@ fn tiny_llama_lora_matches_peft() {
         tie_word_embeddings: true,
     };
     let model = Llama::from_tensors(config, weights).unwrap();
+    model.set_gradient_checkpointing(checkpointing);
     let (f, meta) = load("lora_tiny.safetensors");
     let losses = train_like_peft(&model, &meta, &f);
     compare_losses("tiny", &losses, &f["losses"], 1e-5);

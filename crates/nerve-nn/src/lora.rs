@@ -48,7 +48,8 @@ pub enum TargetModules {
     /// `.` + one (`"q_proj"` matches `model.layers.3.self_attn.q_proj`).
     Names(Vec<String>),
     /// A regular expression that must match the whole module name; `"all-linear"` means
-    /// every Linear but the output layer (`lm_head`), as in PEFT.
+    /// every Linear but the output layer (`lm_head`, or a classifier's `classifier` /
+    /// `score` head), as in PEFT.
     Pattern(String),
 }
 
@@ -192,9 +193,10 @@ impl LoraConfig {
                         .strip_suffix(t.as_str())
                         .is_some_and(|head| head.ends_with('.'))
             }),
-            TargetModules::Pattern(p) if p == "all-linear" => {
-                name.rsplit('.').next() != Some("lm_head")
-            }
+            TargetModules::Pattern(p) if p == "all-linear" => !matches!(
+                name.rsplit('.').next(),
+                Some("lm_head" | "classifier" | "score")
+            ),
             TargetModules::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$"))
                 .map(|re| re.is_match(name))
                 .unwrap_or(false),
@@ -250,6 +252,7 @@ pub fn apply(
     config: &LoraConfig,
 ) -> std::result::Result<Vec<String>, LoraError> {
     config.validate().map_err(|m| config_error(None, m))?;
+    let all_linear = config.target_modules == TargetModules::Pattern("all-linear".into());
     let mut targets = Vec::new();
     for (name, m) in model.named_modules() {
         if name.is_empty() || !config.targets(&name) {
@@ -260,7 +263,7 @@ pub fn apply(
             None => {
                 // A container whose name matches (e.g. a regex over a whole block) is skipped
                 // as PEFT does only when it has no parameters of its own.
-                if !m.own_parameters().is_empty() {
+                if !all_linear && !m.own_parameters().is_empty() {
                     return Err(LoraError::Target(format!(
                         "{name} is a {} and LoRA adapts Linear layers only",
                         m.describe()
