@@ -230,6 +230,21 @@ impl BertLayer {
     /// (`[B, 1, 1, T]`, 0 or a large negative number), `None` when every token is real.
     fn forward_with(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = (x.dims()[0], x.dims()[1], x.dims()[2]);
+        let plain = [&self.query, &self.key, &self.value]
+            .iter()
+            .all(|l| l.lora().is_none() && l.bias.is_some());
+        if mask.is_none() && plain {
+            // No padding and no adapters: one GEMM against the three projections stacked
+            // (`[3·hidden, hidden]`, stacked per call, so it always follows the weights) and
+            // attention straight from the packed result, without splitting or merging heads.
+            let (lq, lk, lv) = (&self.query, &self.key, &self.value);
+            let w = Tensor::cat(&[&lq.weight, &lk.weight, &lv.weight], 0)?;
+            let biases: Vec<&Tensor> = [lq, lk, lv].iter().filter_map(|l| l.bias.as_ref()).collect();
+            let bias = Tensor::cat(&biases, 0)?;
+            let qkv = x.matmul(&w.t()?)?.add(&bias)?;
+            let a = nerve_nn::packed_self_attention(&qkv, self.heads, false)?;
+            return self.finish(x, &a);
+        }
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape(&[b as isize, t as isize, self.heads as isize, -1])?
                 .transpose(1, 2)
@@ -245,9 +260,15 @@ impl BertLayer {
         let a = nerve_nn::scaled_dot_product_attention(&q, &k, &v, &opts)?
             .transpose(1, 2)?
             .reshape(&[b as isize, t as isize, d as isize])?;
+        self.finish(x, &a)
+    }
+
+    /// Everything after attention: output projection, residual and norm, then the MLP with
+    /// its residual and norm.
+    fn finish(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
         let x = self
             .attention_norm
-            .forward(&self.attention_output.forward(&a)?.add(x)?)?;
+            .forward(&self.attention_output.forward(a)?.add(x)?)?;
         let h = self.act.apply(&self.intermediate.forward(&x)?)?;
         self.output_norm.forward(&self.output.forward(&h)?.add(&x)?)
     }
