@@ -239,7 +239,10 @@ impl BertLayer {
             // attention straight from the packed result, without splitting or merging heads.
             let (lq, lk, lv) = (&self.query, &self.key, &self.value);
             let w = Tensor::cat(&[&lq.weight, &lk.weight, &lv.weight], 0)?;
-            let biases: Vec<&Tensor> = [lq, lk, lv].iter().filter_map(|l| l.bias.as_ref()).collect();
+            let biases: Vec<&Tensor> = [lq, lk, lv]
+                .iter()
+                .filter_map(|l| l.bias.as_ref())
+                .collect();
             let bias = Tensor::cat(&biases, 0)?;
             let qkv = x.matmul(&w.t()?)?.add(&bias)?;
             let a = nerve_nn::packed_self_attention(&qkv, self.heads, false)?;
@@ -890,6 +893,65 @@ pub fn load_sentence_encoder(
     Ok((bert, tok))
 }
 
+/// A sentence classifier: a BERT encoder, mean pooling over the attention mask (the
+/// sentence-transformers embedding, before normalisation), dropout and a Linear head.
+/// Parameters are named like transformers' `BertForSequenceClassification`
+/// (`bert.encoder.layer.0.attention.self.query.weight`, `classifier.weight`), so PEFT's
+/// target names (`query`, `value`) apply.
+pub struct BertClassifier {
+    /// The encoder.
+    pub bert: Bert,
+    /// Dropout before the head.
+    pub dropout: nerve_nn::Dropout,
+    /// `[num_labels, hidden]` head.
+    pub classifier: Linear,
+}
+
+impl BertClassifier {
+    /// `bert` with a fresh head of `num_labels` outputs (PyTorch's default Linear
+    /// initialisation) and dropout `p` before it.
+    pub fn new(bert: Bert, num_labels: usize, p: f64) -> Result<Self> {
+        let classifier = Linear::new(bert.config().hidden_size, num_labels, true)?;
+        Ok(Self {
+            bert,
+            dropout: nerve_nn::Dropout::new(p),
+            classifier,
+        })
+    }
+
+    /// Class logits `[B, num_labels]` of tokenized sentences.
+    pub fn forward_inputs(&self, inputs: &BertInputs) -> Result<Tensor> {
+        let hidden = self
+            .bert
+            .forward_masked(&inputs.input_ids, &inputs.attention_mask, None)?;
+        let pooled = mean_pool(&hidden, &inputs.attention_mask)?;
+        self.classifier.forward(&self.dropout.forward(&pooled)?)
+    }
+}
+
+impl Module for BertClassifier {
+    /// Logits of token ids `[B, T]` without padding (use [`BertClassifier::forward_inputs`]
+    /// for padded batches).
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let inputs = BertInputs {
+            input_ids: ids.clone(),
+            attention_mask: ids.ones_like(),
+            token_type_ids: ids.zeros_like(),
+        };
+        self.forward_inputs(&inputs)
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        vec![
+            ("bert".into(), &self.bert as &dyn Module),
+            ("dropout".into(), &self.dropout),
+            ("classifier".into(), &self.classifier),
+        ]
+    }
+    fn describe(&self) -> String {
+        "BertClassifier".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -970,64 +1032,5 @@ mod tests {
         assert_eq!(p.to_vec::<f32>().unwrap(), vec![2., 3.]);
         let n = l2_normalize(&Tensor::from_vec(vec![3f32, 4., 0., 0.], [2, 2]).unwrap()).unwrap();
         assert_eq!(n.to_vec::<f32>().unwrap(), vec![0.6, 0.8, 0., 0.]);
-    }
-}
-
-/// A sentence classifier: a BERT encoder, mean pooling over the attention mask (the
-/// sentence-transformers embedding, before normalisation), dropout and a Linear head.
-/// Parameters are named like transformers' `BertForSequenceClassification`
-/// (`bert.encoder.layer.0.attention.self.query.weight`, `classifier.weight`), so PEFT's
-/// target names (`query`, `value`) apply.
-pub struct BertClassifier {
-    /// The encoder.
-    pub bert: Bert,
-    /// Dropout before the head.
-    pub dropout: nerve_nn::Dropout,
-    /// `[num_labels, hidden]` head.
-    pub classifier: Linear,
-}
-
-impl BertClassifier {
-    /// `bert` with a fresh head of `num_labels` outputs (PyTorch's default Linear
-    /// initialisation) and dropout `p` before it.
-    pub fn new(bert: Bert, num_labels: usize, p: f64) -> Result<Self> {
-        let classifier = Linear::new(bert.config().hidden_size, num_labels, true)?;
-        Ok(Self {
-            bert,
-            dropout: nerve_nn::Dropout::new(p),
-            classifier,
-        })
-    }
-
-    /// Class logits `[B, num_labels]` of tokenized sentences.
-    pub fn forward_inputs(&self, inputs: &BertInputs) -> Result<Tensor> {
-        let hidden = self
-            .bert
-            .forward_masked(&inputs.input_ids, &inputs.attention_mask, None)?;
-        let pooled = mean_pool(&hidden, &inputs.attention_mask)?;
-        self.classifier.forward(&self.dropout.forward(&pooled)?)
-    }
-}
-
-impl Module for BertClassifier {
-    /// Logits of token ids `[B, T]` without padding (use [`BertClassifier::forward_inputs`]
-    /// for padded batches).
-    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let inputs = BertInputs {
-            input_ids: ids.clone(),
-            attention_mask: ids.ones_like(),
-            token_type_ids: ids.zeros_like(),
-        };
-        self.forward_inputs(&inputs)
-    }
-    fn children(&self) -> Vec<(String, &dyn Module)> {
-        vec![
-            ("bert".into(), &self.bert as &dyn Module),
-            ("dropout".into(), &self.dropout),
-            ("classifier".into(), &self.classifier),
-        ]
-    }
-    fn describe(&self) -> String {
-        "BertClassifier".into()
     }
 }
