@@ -2,10 +2,10 @@
 //! defaults and files, so an adapter trained here loads in PEFT and the other way round.
 //!
 //! ```
-//! use nerve_core::{Result, Tensor};
+//! use nerve_core::Tensor;
 //! use nerve_nn::lora::{self, LoraConfig};
 //! use nerve_nn::{Linear, Module, ModuleExt, ReLU, Sequential};
-//! # fn main() -> Result<()> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let model = Sequential::new()
 //!     .add(Linear::new(8, 16, true)?)
 //!     .add(ReLU)
