@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use nerve_data::ChatMessage;
-use nerve_models::{Sampler, SamplingOptions};
+use nerve_models::{Llama, QuantLlama, Sampler, SamplingOptions};
 
 use crate::data::{data_root, SMOLLM2_FILE};
 use crate::lm::GenerateArgs;
@@ -30,6 +30,29 @@ fn model_file(arg: &std::path::Path) -> Result<PathBuf> {
     bail!("--model {}: no such file", arg.display())
 }
 
+/// A pretrained model in f32 or with quantised weights (`--quantized`).
+enum Model {
+    F32(Llama),
+    Quantized(QuantLlama),
+}
+
+impl Model {
+    /// As `Llama::generate_with`.
+    fn generate_with(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        stop: &[i64],
+        choose: impl FnMut(&[f32], &[i64]) -> i64,
+        on_token: impl FnMut(i64) -> nerve_core::Result<()>,
+    ) -> nerve_core::Result<Vec<i64>> {
+        match self {
+            Model::F32(m) => m.generate_with(prompt, n, stop, choose, on_token),
+            Model::Quantized(m) => m.generate_with(prompt, n, stop, choose, on_token),
+        }
+    }
+}
+
 /// `nerve generate --model FILE.gguf`: continue (or, with `--chat`, answer) the prompt,
 /// printing tokens as they come.
 pub fn generate(a: &GenerateArgs) -> Result<()> {
@@ -39,7 +62,13 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         .context("--model or --checkpoint is needed")?;
     let path = model_file(arg)?;
     let t_load = Instant::now();
-    let (model, tok) = nerve_models::gguf::load_llama(&path)?;
+    let (model, tok) = if a.quantized {
+        let (m, tok) = nerve_models::gguf::load_llama_quantized(&path)?;
+        (Model::Quantized(m), tok)
+    } else {
+        let (m, tok) = nerve_models::gguf::load_llama(&path)?;
+        (Model::F32(m), tok)
+    };
     let load_secs = t_load.elapsed().as_secs_f64();
     let text = if a.chat {
         let mut msgs = Vec::new();
