@@ -1,5 +1,7 @@
 //! `nerve-bench`: runs the benchmark workloads and prints one line each,
-//! `workload=<name> impl=nerve step_ms=<median> throughput=<value> unit=<unit>`.
+//! `workload=<name> impl=nerve step_ms=<median> throughput=<value> unit=<unit>` (a workload
+//! with a second implementation, such as `smollm2-generate` with quantised weights, prints a
+//! second line with its own `impl=`).
 //!
 //! Protocol (shared with `tools/torch_bench.py`): 3 warm-up steps, then steps until at least
 //! `--min-secs` seconds have been timed; the median step time is reported.
@@ -39,6 +41,11 @@ type Step = Box<dyn FnMut() -> Result<()>>;
 /// A workload: prepares its state and returns a step closure plus the work per step.
 struct Workload {
     name: &'static str,
+    /// The `impl=` label: `nerve`, or a variant of it on a second line of the same workload.
+    impl_name: &'static str,
+    /// Also report ` peak_rss_mb=`: the process's peak resident memory (VmHWM) from this
+    /// workload's setup to its end (the peak is reset before the setup).
+    peak_rss: bool,
     unit: &'static str,
     /// Work units per step (e.g. GFLOP); throughput = work / step seconds.
     work: f64,
@@ -87,6 +94,8 @@ fn workloads() -> Vec<Workload> {
         // 784→512→ReLU→512→ReLU→10, batch 128, AdamW lr 1e-3 wd 0.01.
         Workload {
             name: "mlp",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "samples/s",
             work: 128.0,
             setup: || {
@@ -104,6 +113,8 @@ fn workloads() -> Vec<Workload> {
         // batch 16 × 128 tokens, AdamW lr 3e-4.
         Workload {
             name: "gpt",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "tokens/s",
             work: 16.0 * 128.0,
             setup: || {
@@ -127,6 +138,8 @@ fn workloads() -> Vec<Workload> {
         // ViT on 3×32×32 (patch 4, width 128, 4 layers, 4 heads), batch 32, AdamW lr 1e-3.
         Workload {
             name: "vit",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "samples/s",
             work: 32.0,
             setup: || {
@@ -139,6 +152,8 @@ fn workloads() -> Vec<Workload> {
         // Char LM: embedding 64, 1-layer LSTM 256, linear to 65; batch 32 × 64, AdamW lr 1e-3.
         Workload {
             name: "lstm",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "tokens/s",
             work: 32.0 * 64.0,
             setup: || {
@@ -176,6 +191,8 @@ fn workloads() -> Vec<Workload> {
         // batch 8 × 128, AdamW lr 1e-3.
         Workload {
             name: "mamba",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "tokens/s",
             work: 8.0 * 128.0,
             setup: || {
@@ -199,6 +216,8 @@ fn workloads() -> Vec<Workload> {
         // The small CNN on 1×28×28, batch 64, AdamW lr 1e-3 (PyTorch's default decay 0.01).
         Workload {
             name: "cnn",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "samples/s",
             work: 64.0,
             setup: || {
@@ -214,12 +233,16 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "sgemm-1024",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "GFLOP/s",
             work: 2.0 * 1024f64.powi(3) / 1e9,
             setup: || sgemm(1024),
         },
         Workload {
             name: "sgemm-4096",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "GFLOP/s",
             work: 2.0 * 4096f64.powi(3) / 1e9,
             setup: || sgemm(4096),
@@ -227,6 +250,8 @@ fn workloads() -> Vec<Workload> {
         // c = a + b over 16M f32: 3 × 64 MiB of memory traffic per step.
         Workload {
             name: "add-16m",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "GB/s",
             work: 3.0 * 4.0 * EW_N as f64 / 1e9,
             setup: || {
@@ -241,6 +266,8 @@ fn workloads() -> Vec<Workload> {
         // GELU (tanh form, as GPT-2 uses) over 16M f32.
         Workload {
             name: "gelu-16m",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "Gelem/s",
             work: EW_N as f64 / 1e9,
             setup: || {
@@ -255,6 +282,8 @@ fn workloads() -> Vec<Workload> {
         // the key/value cache.
         Workload {
             name: "gpt2-generate",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
@@ -277,10 +306,41 @@ fn workloads() -> Vec<Workload> {
                 }))
             },
         },
+        // SmolLM2-135M-Instruct from its GGUF file with the weights left in their blocks
+        // (Q4_1 projections, Q8_0 embedding and tied output): the same steps as the f32 line
+        // below. First, so that its peak memory is not the f32 model's.
+        Workload {
+            name: "smollm2-generate",
+            impl_name: "nerve-q4_1",
+            peak_rss: true,
+            unit: "new_tokens/s",
+            work: 64.0,
+            setup: || {
+                let path = data_file(
+                    "NERVE_SMOLLM2_GGUF",
+                    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                );
+                let (model, tok) =
+                    nerve_models::gguf::load_llama_quantized(&path).map_err(|e| {
+                        nerve_core::Error::invalid(
+                            "smollm2-generate",
+                            format!("{e} (run `nerve data get smollm2` or set NERVE_SMOLLM2_GGUF)"),
+                        )
+                    })?;
+                let prompt = smollm2_prompt(&tok)?;
+                Ok(Box::new(move || {
+                    let out = model.generate_with(&prompt, 64, &[], greedy, |_| Ok(()))?;
+                    std::hint::black_box(out);
+                    Ok(())
+                }))
+            },
+        },
         // SmolLM2-135M-Instruct from its GGUF file, dequantised to f32: the 5 tokens of "The
         // capital of France is", then 64 greedy new tokens with the key/value cache.
         Workload {
             name: "smollm2-generate",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
@@ -294,24 +354,9 @@ fn workloads() -> Vec<Workload> {
                         format!("{e} (run `nerve data get smollm2` or set NERVE_SMOLLM2_GGUF)"),
                     )
                 })?;
-                let prompt: Vec<i64> = tok
-                    .encode("The capital of France is", true)
-                    .map_err(|e| nerve_core::Error::invalid("smollm2-generate", e.to_string()))?
-                    .into_iter()
-                    .map(i64::from)
-                    .collect();
+                let prompt = smollm2_prompt(&tok)?;
                 Ok(Box::new(move || {
-                    let out = model.generate_with(
-                        &prompt,
-                        64,
-                        &[],
-                        |l, _| {
-                            (0..l.len())
-                                .max_by(|&a, &b| l[a].total_cmp(&l[b]))
-                                .unwrap_or(0) as i64
-                        },
-                        |_| Ok(()),
-                    )?;
+                    let out = model.generate_with(&prompt, 64, &[], greedy, |_| Ok(()))?;
                     std::hint::black_box(out);
                     Ok(())
                 }))
@@ -321,6 +366,8 @@ fn workloads() -> Vec<Workload> {
         // forward, mean pooling, L2 normalisation, no gradients.
         Workload {
             name: "minilm-embed",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "sequences/s",
             work: 32.0,
             setup: || {
@@ -356,6 +403,8 @@ fn workloads() -> Vec<Workload> {
         // 1e-4 on the adapters. The whole step: forward, loss, backward, update, zeroing.
         Workload {
             name: "lora-finetune",
+            impl_name: "nerve",
+            peak_rss: true,
             unit: "tokens/s",
             work: 4.0 * 128.0,
             setup: || {
@@ -392,6 +441,8 @@ fn workloads() -> Vec<Workload> {
         // Softmax over the last dim of 4096 rows of 1024 (attention-sized rows).
         Workload {
             name: "softmax-4096x1024",
+            impl_name: "nerve",
+            peak_rss: false,
             unit: "Gelem/s",
             work: 4096.0 * 1024.0 / 1e9,
             setup: || {
@@ -403,6 +454,31 @@ fn workloads() -> Vec<Workload> {
             },
         },
     ]
+}
+
+/// The ids of the smollm2-generate prompt.
+fn smollm2_prompt(tok: &nerve_data::Tokenizer) -> Result<Vec<i64>> {
+    Ok(tok
+        .encode("The capital of France is", true)
+        .map_err(|e| nerve_core::Error::invalid("smollm2-generate", e.to_string()))?
+        .into_iter()
+        .map(i64::from)
+        .collect())
+}
+
+/// Greedy choice: the index of the largest logit.
+fn greedy(l: &[f32], _seen: &[i64]) -> i64 {
+    (0..l.len())
+        .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+        .unwrap_or(0) as i64
+}
+
+/// The process's peak resident memory in MB (`VmHWM` of /proc/self/status), if readable.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// A fetched model file: `$var`, else `rel` under where `nerve data get` puts things
@@ -422,6 +498,11 @@ fn data_file(var: &str, rel: &str) -> std::path::PathBuf {
 }
 
 fn run(w: &Workload, min_secs: f64) -> Result<()> {
+    if w.peak_rss {
+        // "5" resets VmHWM to the current resident size (Linux ≥ 4.0); if it fails the
+        // figure is the peak since the process started.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
     let mut step = (w.setup)()?;
     for _ in 0..3 {
         step()?;
@@ -435,9 +516,14 @@ fn run(w: &Workload, min_secs: f64) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let rss = match (w.peak_rss, peak_rss_mb()) {
+        (true, Some(mb)) => format!(" peak_rss_mb={mb:.1}"),
+        _ => String::new(),
+    };
     println!(
-        "workload={} impl=nerve step_ms={:.3} throughput={:.2} unit={}",
+        "workload={} impl={} step_ms={:.3} throughput={:.2} unit={}{rss}",
         w.name,
+        w.impl_name,
         median * 1e3,
         w.work / median,
         w.unit
@@ -452,8 +538,10 @@ fn main() -> std::process::ExitCode {
     }
     let all = workloads();
     if args.list {
-        for w in &all {
-            println!("{}", w.name);
+        let mut names: Vec<&str> = all.iter().map(|w| w.name).collect();
+        names.dedup();
+        for name in names {
+            println!("{name}");
         }
         return std::process::ExitCode::SUCCESS;
     }

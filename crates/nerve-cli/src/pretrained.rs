@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use nerve_data::ChatMessage;
-use nerve_models::{Sampler, SamplingOptions};
+use nerve_models::{Llama, QuantLlama, Sampler, SamplingOptions};
 
 use crate::data::{data_root, SMOLLM2_FILE};
 use crate::lm::GenerateArgs;
@@ -30,6 +30,29 @@ pub(crate) fn model_file(arg: &std::path::Path) -> Result<PathBuf> {
     bail!("--model {}: no such file", arg.display())
 }
 
+/// A pretrained model in f32 or with quantised weights (`--quantized`).
+enum Model {
+    F32(Llama),
+    Quantized(QuantLlama),
+}
+
+impl Model {
+    /// As `Llama::generate_with`.
+    fn generate_with(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        stop: &[i64],
+        choose: impl FnMut(&[f32], &[i64]) -> i64,
+        on_token: impl FnMut(i64) -> nerve_core::Result<()>,
+    ) -> nerve_core::Result<Vec<i64>> {
+        match self {
+            Model::F32(m) => m.generate_with(prompt, n, stop, choose, on_token),
+            Model::Quantized(m) => m.generate_with(prompt, n, stop, choose, on_token),
+        }
+    }
+}
+
 /// `nerve generate --model FILE.gguf`: continue (or, with `--chat`, answer) the prompt,
 /// printing tokens as they come.
 pub fn generate(a: &GenerateArgs) -> Result<()> {
@@ -39,16 +62,25 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         .context("--model or --checkpoint is needed")?;
     let path = model_file(arg)?;
     let t_load = Instant::now();
-    let (model, tok) = nerve_models::gguf::load_llama(&path)?;
-    if let Some(dir) = &a.adapter {
-        let c = nerve_nn::lora::load(&model, dir)?;
-        let n = nerve_nn::lora::merge(&model)?;
-        eprintln!(
-            "merged the LoRA adapter of {} (r={}, {n} modules)",
-            dir.display(),
-            c.r
-        );
+    if a.quantized && a.adapter.is_some() {
+        bail!("--adapter is merged into f32 weights: it cannot be used with --quantized");
     }
+    let (model, tok) = if a.quantized {
+        let (m, tok) = nerve_models::gguf::load_llama_quantized(&path)?;
+        (Model::Quantized(m), tok)
+    } else {
+        let (m, tok) = nerve_models::gguf::load_llama(&path)?;
+        if let Some(dir) = &a.adapter {
+            let c = nerve_nn::lora::load(&m, dir)?;
+            let n = nerve_nn::lora::merge(&m)?;
+            eprintln!(
+                "merged the LoRA adapter of {} (r={}, {n} modules)",
+                dir.display(),
+                c.r
+            );
+        }
+        (Model::F32(m), tok)
+    };
     let load_secs = t_load.elapsed().as_secs_f64();
     let text = if a.chat {
         let mut msgs = Vec::new();

@@ -1,6 +1,6 @@
 //! Models from llama.cpp's GGUF files: the configuration from the metadata, the weights
-//! dequantised to f32 under transformers' names, and the tokenizer rebuilt from the vocabulary
-//! the file carries.
+//! dequantised to f32 under transformers' names (or kept in their quantised blocks for
+//! [`QuantLlama`]), and the tokenizer rebuilt from the vocabulary the file carries.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), nerve_io::FormatError> {
@@ -12,12 +12,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use nerve_core::kernels::quant::{QuantFormat, QuantMatrix};
 use nerve_core::Tensor;
 use nerve_data::{BpeVocab, Tokenizer};
-use nerve_io::gguf::GgufFile;
+use nerve_io::gguf::{GgmlType, GgufFile};
 use nerve_io::FormatError;
 
 use crate::llama::{Llama, LlamaConfig};
+use crate::qllama::QuantLlama;
 
 /// Architectures read as [`Llama`].
 const LLAMA_ARCHS: &[&str] = &["llama", "mistral"];
@@ -95,6 +97,31 @@ fn unpermute(w: Tensor, heads: usize) -> nerve_core::Result<Tensor> {
         .reshape(&[rows as isize, cols as isize])
 }
 
+/// [`unpermute`] for a quantised matrix: the permutation moves whole rows, and a row is a
+/// run of blocks, so the blocks move unchanged.
+fn unpermute_rows(w: &QuantMatrix, heads: usize) -> nerve_core::Result<QuantMatrix> {
+    let hd = w.rows() / heads.max(1);
+    let half = hd / 2;
+    // Transformers' row (h, s, j) is llama.cpp's row (h, j, s).
+    let order: Vec<usize> = (0..w.rows())
+        .map(|r| {
+            let (h, s, j) = (r / hd, (r % hd) / half, r % half);
+            h * hd + 2 * j + s
+        })
+        .collect();
+    w.select_rows(&order)
+}
+
+/// The block format [`QuantMatrix`] reads for a ggml type, if it reads it.
+pub fn quant_format(ty: GgmlType) -> Option<QuantFormat> {
+    match ty {
+        GgmlType::Q4_0 => Some(QuantFormat::Q4_0),
+        GgmlType::Q4_1 => Some(QuantFormat::Q4_1),
+        GgmlType::Q8_0 => Some(QuantFormat::Q8_0),
+        _ => None,
+    }
+}
+
 /// The transformers name of a llama.cpp tensor name, if it is one the model uses.
 fn hf_name(name: &str) -> Option<String> {
     let fixed = match name {
@@ -153,6 +180,55 @@ pub fn llama_tensors(
     Ok(out)
 }
 
+/// The weights of a Llama GGUF file for a [`QuantLlama`], under transformers' names: every
+/// 2-D tensor as blocks (query and key rows back in transformers' order), the 1-D ones (the
+/// norms) as f32. `Q4_0`, `Q4_1` and `Q8_0` tensors keep their blocks as stored; a 2-D tensor
+/// of another type (F16, the K-quants, …) is dequantised and requantised to `Q8_0`, which
+/// loses little. An unknown tensor name is an error.
+#[allow(clippy::type_complexity)]
+pub fn llama_quant_weights(
+    f: &GgufFile,
+    c: &LlamaConfig,
+) -> Result<(HashMap<String, QuantMatrix>, HashMap<String, Vec<f32>>), FormatError> {
+    let (mut blocks, mut dense) = (HashMap::new(), HashMap::new());
+    for info in f.tensor_infos() {
+        let name = hf_name(&info.name).ok_or_else(|| {
+            FormatError::invalid(
+                f.path(),
+                format!("tensor {} is not part of the Llama architecture", info.name),
+            )
+        })?;
+        let tensor_err = |source| FormatError::Tensor {
+            path: f.path().to_path_buf(),
+            source,
+        };
+        if info.shape.len() != 2 {
+            let t = f.tensor(&info.name)?;
+            dense.insert(name, t.to_vec::<f32>().map_err(tensor_err)?);
+            continue;
+        }
+        let (rows, cols) = (info.shape[0], info.shape[1]);
+        let mut w = match quant_format(info.ggml_type) {
+            Some(format) => {
+                let bytes = f.tensor_bytes(&info.name)?.to_vec();
+                QuantMatrix::from_blocks(format, rows, cols, bytes)
+            }
+            None => {
+                let values: Vec<f32> = f.tensor(&info.name)?.to_vec().map_err(tensor_err)?;
+                QuantMatrix::quantize(QuantFormat::Q8_0, rows, cols, &values)
+            }
+        }
+        .map_err(|e| FormatError::invalid(f.path(), format!("tensor {}: {e}", info.name)))?;
+        if name.ends_with("q_proj.weight") {
+            w = unpermute_rows(&w, c.num_attention_heads).map_err(tensor_err)?;
+        } else if name.ends_with("k_proj.weight") {
+            w = unpermute_rows(&w, c.num_key_value_heads).map_err(tensor_err)?;
+        }
+        blocks.insert(name, w);
+    }
+    Ok((blocks, dense))
+}
+
 /// The byte-level BPE vocabulary of a GGUF file (`tokenizer.ggml.*`, model `gpt2`).
 pub fn bpe_vocab(f: &GgufFile) -> Result<BpeVocab, FormatError> {
     let model = f.get_str("tokenizer.ggml.model")?;
@@ -208,6 +284,22 @@ pub fn load_llama(path: impl AsRef<Path>) -> Result<(Llama, Tokenizer), FormatEr
     Ok((model, tok))
 }
 
+/// A Llama model with its weights left in their quantised blocks (see
+/// [`llama_quant_weights`]), and its tokenizer, from a GGUF file: for fast decoding.
+pub fn load_llama_quantized(
+    path: impl AsRef<Path>,
+) -> Result<(QuantLlama, Tokenizer), FormatError> {
+    let path = path.as_ref();
+    let f = GgufFile::open(path)?;
+    let c = llama_config(&f)?;
+    let tok = tokenizer(&f)?;
+    let (blocks, norms) = llama_quant_weights(&f, &c)?;
+    drop(f);
+    let model = QuantLlama::from_weights(c, blocks, norms)
+        .map_err(|e| FormatError::invalid(path, e.to_string()))?;
+    Ok((model, tok))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +316,45 @@ mod tests {
         );
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("blk.0.attn_q.bias"), None);
+    }
+
+    #[test]
+    fn quantised_rows_dequantise_and_unpermute_like_f32() {
+        // Random blocks of every format the quantised product reads: QuantMatrix decodes them
+        // bit for bit as nerve-io does, and unpermuting the rows of blocks equals unpermuting
+        // the f32 matrix.
+        let mut g = nerve_core::random::Generator::new(7);
+        let (heads, hd, cols) = (3usize, 8usize, 64usize);
+        let rows = heads * hd;
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let format = quant_format(ty).unwrap();
+            let bb = format.block_bytes();
+            let mut bytes: Vec<u8> = (0..rows * cols / 32 * bb)
+                .map(|_| g.below(256) as u8)
+                .collect();
+            for b in bytes.chunks_exact_mut(bb) {
+                let d = half::f16::from_f32(g.next_f32() * 0.1)
+                    .to_bits()
+                    .to_le_bytes();
+                let m = half::f16::from_f32(-g.next_f32()).to_bits().to_le_bytes();
+                b[..2].copy_from_slice(&d);
+                if ty == GgmlType::Q4_1 {
+                    b[2..4].copy_from_slice(&m);
+                }
+            }
+            let mut want = vec![0f32; rows * cols];
+            nerve_io::gguf::dequantize(ty, &bytes, &mut want).unwrap();
+            let w = QuantMatrix::from_blocks(format, rows, cols, bytes).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&w.dequantize()), bits(&want), "{ty}");
+            let t = Tensor::from_vec(want, [rows, cols]).unwrap();
+            let u: Vec<f32> = unpermute(t, heads).unwrap().to_vec().unwrap();
+            assert_eq!(
+                bits(&unpermute_rows(&w, heads).unwrap().dequantize()),
+                bits(&u),
+                "{ty}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod llama;
 pub mod lm;
 pub mod mamba;
 pub mod mlp;
+pub mod qllama;
 pub mod unet;
 pub mod vit;
 
@@ -27,5 +28,6 @@ pub use llama::{Llama, LlamaCache, LlamaConfig};
 pub use lm::{causal_lm_loss, LanguageModel, Sampler, SamplingOptions};
 pub use mamba::{MambaConfig, MambaLm, MixerModel};
 pub use mlp::mlp;
+pub use qllama::{QuantLlama, QuantLlamaCache};
 pub use unet::{UNet, UNetConfig};
 pub use vit::{Vit, VitConfig};

@@ -144,6 +144,11 @@ impl Rotary {
         })
     }
 
+    /// The cosine and sine tables `[max_positions, head_dim]`.
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Positions the tables cover.
     pub fn max_positions(&self) -> usize {
         self.cos.dims()[0]

@@ -1,5 +1,5 @@
 //! CPU kernels: run-time SIMD dispatch, strided walks, element-wise maps, reductions, GEMM,
-//! fused recurrent loops.
+//! fused recurrent loops, products with ggml-quantised weights.
 //!
 //! Hot loops are plain loops over contiguous slices. They are compiled several times, inside
 //! `#[target_feature]` wrappers (AVX-512, AVX2+FMA) chosen once at run time, so that LLVM
@@ -9,6 +9,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod gemm;
 pub mod norm;
+pub mod quant;
 pub mod reduce;
 pub mod rnn;
 pub mod strided;
