@@ -3,8 +3,10 @@
 //! with a second implementation, such as `smollm2-generate` with quantised weights, prints a
 //! second line with its own `impl=`).
 //!
-//! Protocol (shared with `tools/torch_bench.py`): 3 warm-up steps, then steps until at least
-//! `--min-secs` seconds have been timed; the median step time is reported.
+//! Protocol (shared with `tools/bench/torch_bench.py`): 3 warm-up steps, then steps until at least
+//! `--min-secs` seconds have been timed; the median step time is reported. Every line (every
+//! workload and impl) runs alone in a child process of its own, so its ` peak_rss_mb=` is that
+//! workload's peak resident memory and not what an earlier workload left behind.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +35,14 @@ struct Args {
     /// Threads (default: NERVE_NUM_THREADS or all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run the selected workloads one after another in this process instead of one child
+    /// process each (no ` peak_rss_mb=`: the peak would mix workloads).
+    #[arg(long)]
+    in_process: bool,
+    /// Internal: run the line with this index (of the full list) in this process and report
+    /// its peak memory; the parent passes it to each child.
+    #[arg(long, hide = true)]
+    line: Option<usize>,
 }
 
 /// One timed step of a workload.
@@ -43,9 +53,6 @@ struct Workload {
     name: &'static str,
     /// The `impl=` label: `nerve`, or a variant of it on a second line of the same workload.
     impl_name: &'static str,
-    /// Also report ` peak_rss_mb=`: the process's peak resident memory (VmHWM) from this
-    /// workload's setup to its end (the peak is reset before the setup).
-    peak_rss: bool,
     unit: &'static str,
     /// Work units per step (e.g. GFLOP); throughput = work / step seconds.
     work: f64,
@@ -95,7 +102,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "mlp",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "samples/s",
             work: 128.0,
             setup: || {
@@ -114,7 +120,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "gpt",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "tokens/s",
             work: 16.0 * 128.0,
             setup: || {
@@ -139,7 +144,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "vit",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "samples/s",
             work: 32.0,
             setup: || {
@@ -153,7 +157,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "lstm",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "tokens/s",
             work: 32.0 * 64.0,
             setup: || {
@@ -192,7 +195,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "mamba",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "tokens/s",
             work: 8.0 * 128.0,
             setup: || {
@@ -217,7 +219,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "cnn",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "samples/s",
             work: 64.0,
             setup: || {
@@ -234,7 +235,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "sgemm-1024",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "GFLOP/s",
             work: 2.0 * 1024f64.powi(3) / 1e9,
             setup: || sgemm(1024),
@@ -242,7 +242,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "sgemm-4096",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "GFLOP/s",
             work: 2.0 * 4096f64.powi(3) / 1e9,
             setup: || sgemm(4096),
@@ -251,7 +250,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "add-16m",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "GB/s",
             work: 3.0 * 4.0 * EW_N as f64 / 1e9,
             setup: || {
@@ -267,7 +265,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "gelu-16m",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "Gelem/s",
             work: EW_N as f64 / 1e9,
             setup: || {
@@ -283,7 +280,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "gpt2-generate",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
@@ -308,11 +304,10 @@ fn workloads() -> Vec<Workload> {
         },
         // SmolLM2-135M-Instruct from its GGUF file with the weights left in their blocks
         // (Q4_1 projections, Q8_0 embedding and tied output): the same steps as the f32 line
-        // below. First, so that its peak memory is not the f32 model's.
+        // below.
         Workload {
             name: "smollm2-generate",
             impl_name: "nerve-q4_1",
-            peak_rss: true,
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
@@ -340,7 +335,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "smollm2-generate",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
@@ -367,7 +361,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "minilm-embed",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "sequences/s",
             work: 32.0,
             setup: || {
@@ -404,7 +397,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "lora-finetune",
             impl_name: "nerve",
-            peak_rss: true,
             unit: "tokens/s",
             work: 4.0 * 128.0,
             setup: || {
@@ -442,7 +434,6 @@ fn workloads() -> Vec<Workload> {
         Workload {
             name: "softmax-4096x1024",
             impl_name: "nerve",
-            peak_rss: false,
             unit: "Gelem/s",
             work: 4096.0 * 1024.0 / 1e9,
             setup: || {
@@ -497,12 +488,9 @@ fn data_file(var: &str, rel: &str) -> std::path::PathBuf {
     root.join(rel)
 }
 
-fn run(w: &Workload, min_secs: f64) -> Result<()> {
-    if w.peak_rss {
-        // "5" resets VmHWM to the current resident size (Linux ≥ 4.0); if it fails the
-        // figure is the peak since the process started.
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-    }
+/// Times one workload and prints its line; with `report_rss`, the line ends with the peak
+/// resident memory of this process (which then ran nothing else).
+fn run(w: &Workload, min_secs: f64, report_rss: bool) -> Result<()> {
     let mut step = (w.setup)()?;
     for _ in 0..3 {
         step()?;
@@ -516,7 +504,7 @@ fn run(w: &Workload, min_secs: f64) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let rss = match (w.peak_rss, peak_rss_mb()) {
+    let rss = match (report_rss, peak_rss_mb()) {
         (true, Some(mb)) => format!(" peak_rss_mb={mb:.1}"),
         _ => String::new(),
     };
@@ -551,16 +539,66 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     }
+    if let Some(i) = args.line {
+        let Some(w) = all.get(i) else {
+            eprintln!("error: no benchmark line {i}");
+            return std::process::ExitCode::FAILURE;
+        };
+        return match run(w, args.min_secs, true) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: workload {}: {e}", w.name);
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     eprintln!(
         "# nerve {} threads, sgemm kernel {}, simd {:?}",
         nerve_core::num_threads(),
         nerve_core::kernels::gemm::sgemm_kernel_name(),
         nerve_core::kernels::simd_level()
     );
-    for w in &all {
-        if args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name) {
-            if let Err(e) = run(w, args.min_secs) {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!(
+                "error: cannot find this benchmark's executable to run each workload alone: {e}"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    for (i, w) in all.iter().enumerate() {
+        if !(args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name)) {
+            continue;
+        }
+        if args.in_process {
+            if let Err(e) = run(w, args.min_secs, false) {
                 eprintln!("error: workload {}: {e}", w.name);
+                return std::process::ExitCode::FAILURE;
+            }
+            continue;
+        }
+        let mut child = std::process::Command::new(&exe);
+        child.args([
+            "--line",
+            &i.to_string(),
+            "--min-secs",
+            &args.min_secs.to_string(),
+        ]);
+        if let Some(t) = args.threads {
+            child.args(["--threads", &t.to_string()]);
+        }
+        match child.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                eprintln!(
+                    "error: workload {} ({}) failed: {status}",
+                    w.name, w.impl_name
+                );
+                return std::process::ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("error: cannot start the child for workload {}: {e}", w.name);
                 return std::process::ExitCode::FAILURE;
             }
         }

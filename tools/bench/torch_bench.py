@@ -2,14 +2,19 @@
 """PyTorch reference for nerve-bench: the same workloads, protocol and output lines.
 
     pip install torch transformers gguf   # transformers + gguf for the *-generate workloads
-    python3 tools/torch_bench.py [workload ...] [--min-secs 3] [--threads N]
+    python3 tools/bench/torch_bench.py [workload ...] [--min-secs 3] [--threads N]
 
 Run it right after `cargo run --release -p nerve-bench` on the same machine and compare the
-throughputs as ratios.
+throughputs as ratios (tools/bench/compare.py runs both, interleaved, and prints the ratios).
+Every workload runs alone in a child process, so each line ends with that workload's own
+` peak_rss_mb=` (the child's peak resident memory, torch's own footprint included).
 """
 import argparse
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -328,30 +333,53 @@ WORKLOADS = [
 ]
 
 
+def run(name, unit, work, setup, trains, min_secs, report_rss):
+    step = setup()
+    with torch.set_grad_enabled(trains):
+        for _ in range(3):
+            step()
+        times = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_secs or len(times) < 3:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    # ru_maxrss is in KiB on Linux.
+    rss = f" peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}" if report_rss else ""
+    print(f"workload={name} impl=pytorch step_ms={med * 1e3:.3f} "
+          f"throughput={work / med:.2f} unit={unit}{rss}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("workloads", nargs="*")
     p.add_argument("--min-secs", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--in-process", action="store_true",
+                   help="run the workloads in this process (no peak_rss_mb)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: this workload, with its peak
     args = p.parse_args()
+    known = [w[0] for w in WORKLOADS]
+    for name in args.workloads:
+        if name not in known:
+            sys.exit(f"error: unknown workload '{name}' (known: {' '.join(known)})")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     for name, unit, work, setup, trains in WORKLOADS:
+        if args.one is not None:
+            if name == args.one:
+                run(name, unit, work, setup, trains, args.min_secs, True)
+            continue
         if args.workloads and name not in args.workloads:
             continue
-        step = setup()
-        with torch.set_grad_enabled(trains):
-            for _ in range(3):
-                step()
-            times = []
-            start = time.perf_counter()
-            while time.perf_counter() - start < args.min_secs or len(times) < 3:
-                t = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t)
-        med = statistics.median(times)
-        print(f"workload={name} impl=pytorch step_ms={med * 1e3:.3f} "
-              f"throughput={work / med:.2f} unit={unit}", flush=True)
+        if args.in_process:
+            run(name, unit, work, setup, trains, args.min_secs, False)
+            continue
+        child = [sys.executable, os.path.abspath(__file__), "--one", name,
+                 "--min-secs", str(args.min_secs), "--threads", str(args.threads)]
+        if subprocess.run(child).returncode != 0:
+            sys.exit(f"error: workload {name} failed")
 
 
 if __name__ == "__main__":
