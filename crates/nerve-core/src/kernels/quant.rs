@@ -92,7 +92,9 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// let q = QuantMatrix::quantize(QuantFormat::Q8_0, 2, 32, &w).unwrap();
 /// assert_eq!(q.as_bytes().len(), 2 * 34);
 /// let y = q.matmul(&[1.0f32; 32], 1).unwrap(); // x [1, 32] · Wᵀ
-/// assert!((y[0] - 32.0).abs() < 1e-3 && (y[1] + 16.0).abs() < 1e-3);
+/// // The block scales are f16 (relative error ≤ 2⁻¹¹ each, on weights and activations).
+/// assert!((y[0] - 32.0).abs() < 32.0 * 1e-3, "{y:?}");
+/// assert!((y[1] + 16.0).abs() < 16.0 * 1e-3, "{y:?}");
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct QuantMatrix {
