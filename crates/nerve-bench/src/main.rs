@@ -15,6 +15,23 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (the enum's index in mimalloc 2's `mimalloc.h`; the
+/// sys crate does not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps the memory of freed tensors for the next step instead of handing it back to the
+/// OS 10 ms later (mimalloc's default), which made every step fault in and zero its pages
+/// again: measured on the `gpt` workload, system time 2.84 → 0.50 s in 5 s and throughput
+/// +34%; `lstm` 1.90 → 0.51 s. The resident memory stays at its peak instead. Setting
+/// `MIMALLOC_PURGE_DELAY` (milliseconds, or -1) in the environment overrides this.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: mi_option_set only stores an option value (no pointers); -1 is a documented
+        // value of this option ("no purging at all").
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+    }
+}
+
 use clap::Parser;
 use nerve_core::{manual_seed, Result, Tensor};
 use nerve_nn::{
@@ -520,6 +537,7 @@ fn run(w: &Workload, min_secs: f64, report_rss: bool) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     let args = Args::parse();
     if let Some(t) = args.threads {
         nerve_core::set_num_threads(t);
