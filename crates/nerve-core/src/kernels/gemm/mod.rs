@@ -19,7 +19,7 @@ pub mod micro;
 use rayon::prelude::*;
 
 use self::micro::MicroKernel;
-use super::{simd_level, with_scratch, SendPtr, SimdLevel};
+use super::{simd_level, with_scratch, with_simd, SendPtr, SimdLevel};
 use crate::dtype::Float;
 use crate::threading::{install, num_threads};
 
@@ -604,6 +604,13 @@ pub(crate) unsafe fn pack<T: Float, const W: usize>(
     line_stride: isize,
     step_stride: isize,
 ) {
+    if step_stride == 1 && line_stride != 1 && len == W {
+        // SAFETY: forwarded contract.
+        return with_simd(
+            #[inline(always)]
+            || unsafe { pack_transposed::<T, W>(dst, kc, src, line_stride) },
+        );
+    }
     // SAFETY: the caller guarantees the destination length.
     let dst = unsafe { std::slice::from_raw_parts_mut(dst, W * kc) };
     for (p, out) in dst.chunks_exact_mut(W).enumerate() {
@@ -619,6 +626,50 @@ pub(crate) unsafe fn pack<T: Float, const W: usize>(
                 *o = unsafe { *base.offset(i as isize * line_stride) };
             }
             out[len..].fill(T::ZERO);
+        }
+    }
+}
+
+/// [`pack`] of `W` full lines whose steps are contiguous (a row-major A, or a transposed B such
+/// as a `Linear`'s `Wᵀ`): 8 steps of every line are read as one contiguous run each and
+/// written out transposed, which the compiler turns into vector loads and shuffles instead of
+/// one scalar load and store per element (the plain loop took 15% of the `gpt` step).
+///
+/// # Safety
+/// As [`pack`] with `len == W` and a step stride of 1.
+#[inline(always)]
+unsafe fn pack_transposed<T: Float, const W: usize>(
+    dst: *mut T,
+    kc: usize,
+    src: *const T,
+    line_stride: isize,
+) {
+    const S: usize = 8;
+    // SAFETY: the caller guarantees the destination length.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst, W * kc) };
+    let full = kc - kc % S;
+    for p0 in (0..full).step_by(S) {
+        let mut block = [[T::ZERO; S]; W];
+        for (i, line) in block.iter_mut().enumerate() {
+            // SAFETY: steps p0..p0+S of line i are contiguous and inside the source.
+            *line = unsafe {
+                std::ptr::read_unaligned(
+                    src.offset(i as isize * line_stride + p0 as isize)
+                        .cast::<[T; S]>(),
+                )
+            };
+        }
+        let out = &mut dst[p0 * W..(p0 + S) * W];
+        for p in 0..S {
+            for i in 0..W {
+                out[p * W + i] = block[i][p];
+            }
+        }
+    }
+    for p in full..kc {
+        for i in 0..W {
+            // SAFETY: step p of line i is inside the source.
+            dst[p * W + i] = unsafe { *src.offset(i as isize * line_stride + p as isize) };
         }
     }
 }
