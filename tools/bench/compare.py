@@ -5,6 +5,7 @@ noisy neighbour hits both), and prints a Markdown table of the ratios.
 
     cargo build --release -p nerve-bench
     python3 tools/bench/compare.py [workload ...] [--rounds 3] [--min-secs 3] [--threads N]
+                                   [--torch-compile]
 
 Each workload runs alone in its own process on both sides (both benchmarks do that themselves),
 so the peak memory columns are the workload's own. The ratio of a round is nerve's throughput
@@ -45,6 +46,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-secs", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also run the PyTorch side through torch.compile where it applies (slow to start)")
     p.add_argument("--nerve-bench", default=os.path.join(
         os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "nerve-bench"))
     args = p.parse_args()
@@ -59,27 +62,35 @@ def main():
     for r in range(args.rounds):
         for name in names:
             ours = bench([args.nerve_bench, name] + common)
-            theirs = bench([sys.executable, os.path.join(HERE, "torch_bench.py"), name] + common)
-            torch_line = theirs.get((name, "pytorch"))
+            torch_cmd = [sys.executable, os.path.join(HERE, "torch_bench.py"), name] + common
+            theirs = bench(torch_cmd)
+            if args.torch_compile:
+                theirs.update(bench(torch_cmd + ["--compile"]))
             for key, (thr, unit, peak) in list(ours.items()) + list(theirs.items()):
                 results.setdefault(key, []).append((thr, peak))
                 units[key[0]] = unit
-                if key[1] != "pytorch" and torch_line:
-                    ratios.setdefault(key, []).append(thr / torch_line[0])
+                if key[1].startswith("pytorch"):
+                    continue
+                for base in ["pytorch", "pytorch-compile"]:
+                    if (name, base) in theirs:
+                        ratios.setdefault((key, base), []).append(thr / theirs[(name, base)][0])
             print(f"# round {r + 1}/{args.rounds} {name}: " + ", ".join(
                 f"{k[1]} {v[0]:.2f}" for k, v in list(ours.items()) + list(theirs.items())),
                 file=sys.stderr, flush=True)
+    compiled = args.torch_compile
     print(f"| workload | impl | throughput (median of {args.rounds}) | unit | peak RSS MB | "
-          f"× PyTorch (median) | range |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"× PyTorch (median) | range |" + (" × torch.compile | range |" if compiled else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if compiled else ""))
     for key in sorted(results, key=lambda k: (names.index(k[0]) if k[0] in names else 99, k[1])):
         thr = statistics.median(t for t, _ in results[key])
         peaks = [p for _, p in results[key] if p is not None]
         peak = f"{max(peaks):.0f}" if peaks else "—"
-        rs = ratios.get(key)
-        ratio = f"{statistics.median(rs):.2f}×" if rs else "—"
-        rng = f"{min(rs):.2f}–{max(rs):.2f}" if rs else "—"
-        print(f"| {key[0]} | {key[1]} | {thr:.2f} | {units[key[0]]} | {peak} | {ratio} | {rng} |")
+        cells = []
+        for base in ["pytorch"] + (["pytorch-compile"] if compiled else []):
+            rs = ratios.get((key, base))
+            cells.append(f"{statistics.median(rs):.2f}×" if rs else "—")
+            cells.append(f"{min(rs):.2f}–{max(rs):.2f}" if rs else "—")
+        print(f"| {key[0]} | {key[1]} | {thr:.2f} | {units[key[0]]} | {peak} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

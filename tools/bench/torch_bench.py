@@ -21,6 +21,15 @@ import torch
 
 EW_N = 1 << 24
 
+# --compile: these workloads' models go through torch.compile (inductor), impl=pytorch-compile.
+COMPILE = False
+COMPILABLE = {"mlp", "cnn", "gpt", "vit", "lstm", "mamba"}
+
+
+def fwd(model):
+    """The model's forward, compiled when --compile is given."""
+    return torch.compile(model) if COMPILE else model
+
 
 def sgemm(n):
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -42,8 +51,10 @@ def train_step(model, x, classes):
     y = torch.tensor([(i * 7) % classes for i in range(n)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
+    run = fwd(model)
+
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(run(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -101,8 +112,10 @@ def gpt():
     targets = ((ids + 1) % 65).reshape(-1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
 
+    run = fwd(model)
+
     def step():
-        loss = F.cross_entropy(model(ids).reshape(-1, 65), targets)
+        loss = F.cross_entropy(run(ids).reshape(-1, 65), targets)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -151,8 +164,10 @@ def lstm():
     params = list(emb.parameters()) + list(rnn.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
+    run = fwd(lambda ids: head(rnn(emb(ids))[0]))
+
     def step():
-        loss = F.cross_entropy(head(rnn(emb(ids))[0]).reshape(-1, 65), targets)
+        loss = F.cross_entropy(run(ids).reshape(-1, 65), targets)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -223,8 +238,10 @@ def mamba():
     targets = ((ids + 1) % 65).reshape(-1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
+    run = fwd(model)
+
     def step():
-        loss = F.cross_entropy(model(ids).reshape(-1, 65), targets)
+        loss = F.cross_entropy(run(ids).reshape(-1, 65), targets)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -347,7 +364,8 @@ def run(name, unit, work, setup, trains, min_secs, report_rss):
     med = statistics.median(times)
     # ru_maxrss is in KiB on Linux.
     rss = f" peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}" if report_rss else ""
-    print(f"workload={name} impl=pytorch step_ms={med * 1e3:.3f} "
+    impl = "pytorch-compile" if COMPILE else "pytorch"
+    print(f"workload={name} impl={impl} step_ms={med * 1e3:.3f} "
           f"throughput={work / med:.2f} unit={unit}{rss}", flush=True)
 
 
@@ -358,8 +376,12 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--in-process", action="store_true",
                    help="run the workloads in this process (no peak_rss_mb)")
+    p.add_argument("--compile", action="store_true",
+                   help="the small training workloads only, their models through torch.compile (impl=pytorch-compile)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: this workload, with its peak
     args = p.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     known = [w[0] for w in WORKLOADS]
     for name in args.workloads:
         if name not in known:
@@ -373,11 +395,15 @@ def main():
             continue
         if args.workloads and name not in args.workloads:
             continue
+        if args.compile and name not in COMPILABLE:
+            continue
         if args.in_process:
             run(name, unit, work, setup, trains, args.min_secs, False)
             continue
         child = [sys.executable, os.path.abspath(__file__), "--one", name,
                  "--min-secs", str(args.min_secs), "--threads", str(args.threads)]
+        if args.compile:
+            child.append("--compile")
         if subprocess.run(child).returncode != 0:
             sys.exit(f"error: workload {name} failed")
 
