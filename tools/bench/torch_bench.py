@@ -61,6 +61,22 @@ def train_step(model, x, classes):
     return step
 
 
+def char_lm_step(forward, params, batch, seq, lr):
+    """A training step of a character LM over 65 symbols on one fixed batch: next-symbol
+    cross-entropy on every position, AdamW (weight decay 0.01)."""
+    ids = torch.tensor([(i * 7 + i // 13) % 65 for i in range(batch * seq)]).reshape(batch, seq)
+    targets = ((ids + 1) % 65).reshape(-1)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    run = fwd(forward)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(run(ids).reshape(-1, 65), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
 def mlp():
     nn = torch.nn
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
@@ -108,18 +124,7 @@ def gpt():
             return self.ln_f(x) @ self.wte.weight.T
 
     model = Gpt()
-    ids = torch.tensor([(i * 7 + i // 13) % 65 for i in range(16 * 128)]).reshape(16, 128)
-    targets = ((ids + 1) % 65).reshape(-1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
-
-    run = fwd(model)
-
-    def step():
-        loss = F.cross_entropy(run(ids).reshape(-1, 65), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return step
+    return char_lm_step(model, model.parameters(), 16, 128, 3e-4)
 
 
 def vit():
@@ -157,21 +162,10 @@ def vit():
 
 
 def lstm():
-    nn, F = torch.nn, torch.nn.functional
+    nn = torch.nn
     emb, rnn, head = nn.Embedding(65, 64), nn.LSTM(64, 256, batch_first=True), nn.Linear(256, 65)
-    ids = torch.tensor([(i * 7 + i // 13) % 65 for i in range(32 * 64)]).reshape(32, 64)
-    targets = ((ids + 1) % 65).reshape(-1)
     params = list(emb.parameters()) + list(rnn.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-
-    run = fwd(lambda ids: head(rnn(emb(ids))[0]))
-
-    def step():
-        loss = F.cross_entropy(run(ids).reshape(-1, 65), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return step
+    return char_lm_step(lambda ids: head(rnn(emb(ids))[0]), params, 32, 64, 1e-3)
 
 
 def mamba():
@@ -234,18 +228,7 @@ def mamba():
             return self.norm_f(x) @ self.embedding.weight.T
 
     model = MambaLM()
-    ids = torch.tensor([(i * 7 + i // 13) % 65 for i in range(8 * 128)]).reshape(8, 128)
-    targets = ((ids + 1) % 65).reshape(-1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-
-    run = fwd(model)
-
-    def step():
-        loss = F.cross_entropy(run(ids).reshape(-1, 65), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return step
+    return char_lm_step(model, model.parameters(), 8, 128, 1e-3)
 
 
 def smollm2_file():

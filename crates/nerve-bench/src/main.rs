@@ -328,17 +328,8 @@ fn workloads() -> Vec<Workload> {
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
-                let path = data_file(
-                    "NERVE_SMOLLM2_GGUF",
-                    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                );
-                let (model, tok) =
-                    nerve_models::gguf::load_llama_quantized(&path).map_err(|e| {
-                        nerve_core::Error::invalid(
-                            "smollm2-generate",
-                            format!("{e} (run `nerve data get smollm2` or set NERVE_SMOLLM2_GGUF)"),
-                        )
-                    })?;
+                let (model, tok) = nerve_models::gguf::load_llama_quantized(smollm2_file())
+                    .map_err(|e| not_fetched("smollm2-generate", SMOLLM2, e))?;
                 let prompt = smollm2_prompt(&tok)?;
                 Ok(Box::new(move || {
                     let out = model.generate_with(&prompt, 64, &[], greedy, |_| Ok(()))?;
@@ -355,16 +346,8 @@ fn workloads() -> Vec<Workload> {
             unit: "new_tokens/s",
             work: 64.0,
             setup: || {
-                let path = data_file(
-                    "NERVE_SMOLLM2_GGUF",
-                    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                );
-                let (model, tok) = nerve_models::gguf::load_llama(&path).map_err(|e| {
-                    nerve_core::Error::invalid(
-                        "smollm2-generate",
-                        format!("{e} (run `nerve data get smollm2` or set NERVE_SMOLLM2_GGUF)"),
-                    )
-                })?;
+                let (model, tok) = nerve_models::gguf::load_llama(smollm2_file())
+                    .map_err(|e| not_fetched("smollm2-generate", SMOLLM2, e))?;
                 let prompt = smollm2_prompt(&tok)?;
                 Ok(Box::new(move || {
                     let out = model.generate_with(&prompt, 64, &[], greedy, |_| Ok(()))?;
@@ -381,13 +364,8 @@ fn workloads() -> Vec<Workload> {
             unit: "sequences/s",
             work: 32.0,
             setup: || {
-                let dir = data_file("NERVE_MINILM_DIR", "minilm");
-                let (model, _) = nerve_models::load_sentence_encoder(&dir).map_err(|e| {
-                    nerve_core::Error::invalid(
-                        "minilm-embed",
-                        format!("{e} (run `nerve data get minilm` or set NERVE_MINILM_DIR)"),
-                    )
-                })?;
+                let (model, _) = nerve_models::load_sentence_encoder(data_file(MINILM.0, MINILM.2))
+                    .map_err(|e| not_fetched("minilm-embed", MINILM, e))?;
                 let mut rng = nerve_core::random::Generator::new(0);
                 let ids: Vec<i64> = (0..32 * 128)
                     .map(|i| match i % 128 {
@@ -417,16 +395,8 @@ fn workloads() -> Vec<Workload> {
             unit: "tokens/s",
             work: 4.0 * 128.0,
             setup: || {
-                let path = data_file(
-                    "NERVE_SMOLLM2_GGUF",
-                    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                );
-                let (model, _) = nerve_models::gguf::load_llama(&path).map_err(|e| {
-                    nerve_core::Error::invalid(
-                        "lora-finetune",
-                        format!("{e} (run `nerve data get smollm2` or set NERVE_SMOLLM2_GGUF)"),
-                    )
-                })?;
+                let (model, _) = nerve_models::gguf::load_llama(smollm2_file())
+                    .map_err(|e| not_fetched("lora-finetune", SMOLLM2, e))?;
                 manual_seed(0);
                 let config = nerve_nn::LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
                 nerve_nn::lora::apply(&model, &config)
@@ -462,6 +432,33 @@ fn workloads() -> Vec<Workload> {
             },
         },
     ]
+}
+
+/// A fetched model: the environment variable naming it, its `nerve data get` name and its
+/// place under the data folder.
+type Fetched = (&'static str, &'static str, &'static str);
+const SMOLLM2: Fetched = (
+    "NERVE_SMOLLM2_GGUF",
+    "smollm2",
+    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+);
+const MINILM: Fetched = ("NERVE_MINILM_DIR", "minilm", "minilm");
+
+/// The SmolLM2 GGUF file.
+fn smollm2_file() -> std::path::PathBuf {
+    data_file(SMOLLM2.0, SMOLLM2.2)
+}
+
+/// `workload`'s error for a model that did not load, saying how to fetch it.
+fn not_fetched(
+    workload: &'static str,
+    (var, name, _): Fetched,
+    e: impl std::fmt::Display,
+) -> nerve_core::Error {
+    nerve_core::Error::invalid(
+        workload,
+        format!("{e} (run `nerve data get {name}` or set {var})"),
+    )
 }
 
 /// The ids of the smollm2-generate prompt.

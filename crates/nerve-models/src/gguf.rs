@@ -159,12 +159,7 @@ pub fn llama_tensors(
 ) -> Result<HashMap<String, Tensor>, FormatError> {
     let mut out = HashMap::new();
     for info in f.tensor_infos() {
-        let name = hf_name(&info.name).ok_or_else(|| {
-            FormatError::invalid(
-                f.path(),
-                format!("tensor {} is not part of the Llama architecture", info.name),
-            )
-        })?;
+        let name = llama_name(f, &info.name)?;
         let mut t = f.tensor(&info.name)?;
         let tensor_err = |source| FormatError::Tensor {
             path: f.path().to_path_buf(),
@@ -180,6 +175,16 @@ pub fn llama_tensors(
     Ok(out)
 }
 
+/// transformers' name of the GGUF tensor `name`, or an error naming the file and the tensor.
+fn llama_name(f: &GgufFile, name: &str) -> Result<String, FormatError> {
+    hf_name(name).ok_or_else(|| {
+        FormatError::invalid(
+            f.path(),
+            format!("tensor {name} is not part of the Llama architecture"),
+        )
+    })
+}
+
 /// The weights of a Llama GGUF file for a [`QuantLlama`], under transformers' names: every
 /// 2-D tensor as blocks (query and key rows back in transformers' order), the 1-D ones (the
 /// norms) as f32. `Q4_0`, `Q4_1` and `Q8_0` tensors keep their blocks as stored; a 2-D tensor
@@ -192,12 +197,7 @@ pub fn llama_quant_weights(
 ) -> Result<(HashMap<String, QuantMatrix>, HashMap<String, Vec<f32>>), FormatError> {
     let (mut blocks, mut dense) = (HashMap::new(), HashMap::new());
     for info in f.tensor_infos() {
-        let name = hf_name(&info.name).ok_or_else(|| {
-            FormatError::invalid(
-                f.path(),
-                format!("tensor {} is not part of the Llama architecture", info.name),
-            )
-        })?;
+        let name = llama_name(f, &info.name)?;
         let tensor_err = |source| FormatError::Tensor {
             path: f.path().to_path_buf(),
             source,

@@ -14,7 +14,7 @@ use nerve_core::{no_grad, Error, Result, Tensor};
 use nerve_nn::{Embedding, Linear, Module, ModuleExt, RmsNorm, SdpaOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::lm::check_prompt;
+use crate::lm::decode_with_cache;
 
 /// Sizes of a Llama model, with the names of Hugging Face's `LlamaConfig`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -624,40 +624,19 @@ impl Llama {
         prompt: &[i64],
         n: usize,
         stop: &[i64],
-        mut choose: impl FnMut(&[f32], &[i64]) -> i64,
-        mut on_token: impl FnMut(i64) -> Result<()>,
+        choose: impl FnMut(&[f32], &[i64]) -> i64,
+        on_token: impl FnMut(i64) -> Result<()>,
     ) -> Result<Vec<i64>> {
-        check_prompt(prompt, self.config.vocab_size)?;
-        let room = self.config.max_position_embeddings;
-        if prompt.len() + n > room {
-            return Err(Error::invalid(
-                "generate",
-                format!(
-                    "the prompt ({} tokens) and {n} new tokens exceed max_position_embeddings \
-                     ({room})",
-                    prompt.len()
-                ),
-            ));
-        }
         no_grad(|| {
             let mut cache = LlamaCache::new(self);
-            let mut seen = prompt.to_vec();
-            let mut next_in = Tensor::from_vec(prompt.to_vec(), [1, prompt.len()])?;
-            let mut out = Vec::new();
-            for _ in 0..n {
-                let logits = self.forward_cached(&next_in, &mut cache)?;
+            let step = |ids: &[i64]| -> Result<Vec<f32>> {
+                let logits = self
+                    .forward_cached(&Tensor::from_vec(ids.to_vec(), [1, ids.len()])?, &mut cache)?;
                 let t = logits.dims()[1];
-                let last: Vec<f32> = logits.select(1, t - 1)?.reshape(&[-1])?.to_vec()?;
-                let tok = choose(&last, &seen);
-                out.push(tok);
-                seen.push(tok);
-                on_token(tok)?;
-                if stop.contains(&tok) {
-                    break;
-                }
-                next_in = Tensor::from_vec(vec![tok], [1, 1])?;
-            }
-            Ok(out)
+                logits.select(1, t - 1)?.reshape(&[-1])?.to_vec()
+            };
+            let limits = (self.config.vocab_size, self.config.max_position_embeddings);
+            decode_with_cache(prompt, n, stop, limits, step, choose, on_token)
         })
     }
 }

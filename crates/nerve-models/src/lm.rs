@@ -61,6 +61,50 @@ pub fn check_prompt(prompt: &[i64], vocab: usize) -> Result<()> {
     Ok(())
 }
 
+/// The cached decoding loop of the Llama models: checks the prompt against `vocab` and the
+/// `room` positions, then hands `step` the prompt and, after it, each chosen token alone;
+/// `step` returns the last position's logits. `choose` picks the next token from those and
+/// the tokens so far, `on_token` sees it at once, and the loop stops after `n` tokens or a
+/// token in `stop`. Returns the new tokens.
+pub(crate) fn decode_with_cache(
+    prompt: &[i64],
+    n: usize,
+    stop: &[i64],
+    (vocab, room): (usize, usize),
+    mut step: impl FnMut(&[i64]) -> Result<Vec<f32>>,
+    mut choose: impl FnMut(&[f32], &[i64]) -> i64,
+    mut on_token: impl FnMut(i64) -> Result<()>,
+) -> Result<Vec<i64>> {
+    check_prompt(prompt, vocab)?;
+    if prompt.len() + n > room {
+        return Err(Error::invalid(
+            "generate",
+            format!(
+                "the prompt ({} tokens) and {n} new tokens exceed max_position_embeddings \
+                 ({room})",
+                prompt.len()
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    if n == 0 {
+        return Ok(out);
+    }
+    let mut seen = prompt.to_vec();
+    let mut last = step(prompt)?;
+    for i in 0..n {
+        let tok = choose(&last, &seen);
+        out.push(tok);
+        seen.push(tok);
+        on_token(tok)?;
+        if stop.contains(&tok) || i + 1 == n {
+            break;
+        }
+        last = step(&[tok])?;
+    }
+    Ok(out)
+}
+
 /// The logits of the last position of `logits` `[1, T, V]` (or `[1, V]`), as f64.
 pub fn last_logits(logits: &Tensor) -> Result<Vec<f64>> {
     let row = if logits.rank() == 3 {

@@ -29,7 +29,7 @@ use nerve_core::kernels::quant::{quant_matmul_many, QuantMatrix};
 use nerve_core::{Error, Result, Tensor};
 
 use crate::llama::{LlamaConfig, Rotary};
-use crate::lm::check_prompt;
+use crate::lm::decode_with_cache;
 
 /// One decoder layer: quantised projections (transformers' names and shapes, query and key
 /// rows in transformers' order) and f32 RMSNorm weights.
@@ -260,41 +260,19 @@ impl QuantLlama {
         prompt: &[i64],
         n: usize,
         stop: &[i64],
-        mut choose: impl FnMut(&[f32], &[i64]) -> i64,
-        mut on_token: impl FnMut(i64) -> Result<()>,
+        choose: impl FnMut(&[f32], &[i64]) -> i64,
+        on_token: impl FnMut(i64) -> Result<()>,
     ) -> Result<Vec<i64>> {
-        check_prompt(prompt, self.config.vocab_size)?;
-        let room = self.config.max_position_embeddings;
-        if prompt.len() + n > room {
-            return Err(Error::invalid(
-                "generate",
-                format!(
-                    "the prompt ({} tokens) and {n} new tokens exceed max_position_embeddings \
-                     ({room})",
-                    prompt.len()
-                ),
-            ));
-        }
         let mut cache = QuantLlamaCache::new(self);
-        let mut seen = prompt.to_vec();
-        let mut next_in = prompt.to_vec();
-        let mut out = Vec::new();
         let d = self.config.hidden_size;
-        for _ in 0..n {
-            let t = next_in.len();
-            let h = self.hidden(&next_in, 1, t, &mut cache)?;
+        let step = |ids: &[i64]| -> Result<Vec<f32>> {
+            let t = ids.len();
+            let h = self.hidden(ids, 1, t, &mut cache)?;
             // Only the last position's logits are needed.
-            let last = self.logits(&h[(t - 1) * d..], 1)?;
-            let tok = choose(&last, &seen);
-            out.push(tok);
-            seen.push(tok);
-            on_token(tok)?;
-            if stop.contains(&tok) {
-                break;
-            }
-            next_in = vec![tok];
-        }
-        Ok(out)
+            self.logits(&h[(t - 1) * d..], 1)
+        };
+        let limits = (self.config.vocab_size, self.config.max_position_embeddings);
+        decode_with_cache(prompt, n, stop, limits, step, choose, on_token)
     }
 
     /// Hidden states `[B·T, hidden]` after the final norm of `ids` (`[B, T]`, flat).
@@ -529,6 +507,21 @@ mod tests {
 
     const IDS: [i64; 7] = [3, 17, 95, 0, 42, 42, 8];
 
+    /// The logits of [`IDS`] from the quantised model and from the f32 one.
+    fn logits_of_ids(q: &QuantLlama, f: &Llama) -> (Vec<f32>, Vec<f32>) {
+        let ids = Tensor::from_vec(IDS.to_vec(), [1, IDS.len()]).unwrap();
+        let want = nerve_core::no_grad(|| f.forward(&ids))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let got = q
+            .forward_cached(&ids, &mut QuantLlamaCache::new(q))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        (got, want)
+    }
+
     #[test]
     fn reference_products_match_the_f32_model() {
         // Dequantised weights, unrounded activations: only f32-vs-f64 summation apart, so the
@@ -536,16 +529,7 @@ mod tests {
         for tie in [false, true] {
             let (mut q, f) = tiny(tie);
             q.set_reference_products(true);
-            let ids = Tensor::from_vec(IDS.to_vec(), [1, IDS.len()]).unwrap();
-            let want: Vec<f32> = nerve_core::no_grad(|| f.forward(&ids))
-                .unwrap()
-                .to_vec()
-                .unwrap();
-            let got: Vec<f32> = q
-                .forward_cached(&ids, &mut QuantLlamaCache::new(&q))
-                .unwrap()
-                .to_vec()
-                .unwrap();
+            let (got, want) = logits_of_ids(&q, &f);
             let diff = max_diff(&got, &want);
             assert!(diff <= 1e-4, "tie {tie}: max diff {diff}");
         }
@@ -554,16 +538,7 @@ mod tests {
     #[test]
     fn quantised_products_stay_close_to_the_f32_model() {
         let (q, f) = tiny(false);
-        let ids = Tensor::from_vec(IDS.to_vec(), [1, IDS.len()]).unwrap();
-        let want: Vec<f32> = nerve_core::no_grad(|| f.forward(&ids))
-            .unwrap()
-            .to_vec()
-            .unwrap();
-        let got: Vec<f32> = q
-            .forward_cached(&ids, &mut QuantLlamaCache::new(&q))
-            .unwrap()
-            .to_vec()
-            .unwrap();
+        let (got, want) = logits_of_ids(&q, &f);
         let span = want.iter().fold(0f32, |a, &b| a.max(b.abs()));
         let diff = max_diff(&got, &want);
         // 8-bit activations: about 1% of the logits' scale here; a layout or order mistake
