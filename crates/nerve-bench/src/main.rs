@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (the enum's index in mimalloc 2's `mimalloc.h`; the
-/// sys crate does not name it).
+/// mimalloc's `mi_option_purge_delay` (its index in the `mimalloc.h` of both mimalloc 2 and
+/// 3; libmimalloc-sys builds 3 and does not name it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keeps the memory of freed tensors for the next step instead of handing it back to the
-/// OS 10 ms later (mimalloc's default), which made every step fault in and zero its pages
-/// again: measured on the `gpt` workload, system time 2.84 → 0.50 s in 5 s and throughput
-/// +34%; `lstm` 1.90 → 0.51 s. The resident memory stays at its peak instead. Setting
+/// OS once it has been free for a while (1 s by default in mimalloc 3), after which a step
+/// faulted in and zeroed its pages again: over 5 s of `gpt` steps the system time went
+/// 1.27 → 0.58 s against the default delay (2.84 → 0.50 s against a 10 ms one). The resident memory stays at its peak instead. Setting
 /// `MIMALLOC_PURGE_DELAY` (milliseconds, or -1) in the environment overrides this.
 fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
