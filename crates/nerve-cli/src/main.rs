@@ -44,8 +44,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Keeps the memory of freed tensors for the next step instead of handing it back to the
 /// OS once it has been free for a while (1 s by default in mimalloc 3), after which a step
 /// faulted in and zeroed its pages again: over 5 s of `gpt` steps the system time went
-/// 1.27 → 0.58 s against the default delay (2.84 → 0.50 s against a 10 ms one). The resident memory stays at its peak instead. Setting
-/// `MIMALLOC_PURGE_DELAY` (milliseconds, or -1) in the environment overrides this.
+/// 1.27 → 0.58 s against the default delay (2.84 → 0.50 s against a 10 ms one). The
+/// resident memory stays at its peak instead. Setting `MIMALLOC_PURGE_DELAY` (milliseconds,
+/// or -1) in the environment overrides this.
 fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: mi_option_set only stores an option value (no pointers); -1 is a documented
