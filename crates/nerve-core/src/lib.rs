@@ -39,7 +39,7 @@ pub use dtype::{DType, Element, Float};
 pub use error::{Error, Result};
 pub use layout::Layout;
 pub use ops::binary::CmpOp;
-pub use random::{manual_seed, Generator};
+pub use random::{manual_seed, rng_state, set_rng_state, Generator};
 pub use shape::Shape;
 pub use storage::live_storage_bytes;
 pub use tensor::{live_tensors, Tensor, TensorId};

@@ -109,6 +109,13 @@ impl DataLoader {
     /// `drop_last` drops some). After an error the iterator ends. Dropping the iterator early
     /// stops the prefetch thread.
     pub fn epoch(&self, epoch: usize) -> Batches {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of epoch `epoch` from batch index `first` on (the same batches as
+    /// [`DataLoader::epoch`] gives after `first` of them, without building those): how a
+    /// resumed run continues an epoch where it stopped.
+    pub fn epoch_from(&self, epoch: usize, first: usize) -> Batches {
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
             order.shuffle(&mut Pcg64Mcg::seed_from_u64(
@@ -116,6 +123,7 @@ impl DataLoader {
             ));
         }
         let total = self.num_batches();
+        let first = first.min(total);
         let producer = Arc::new(Producer {
             dataset: Arc::clone(&self.dataset),
             order,
@@ -124,14 +132,14 @@ impl DataLoader {
             seed: self.seed,
             epoch,
         });
-        let source = if self.prefetch && total > 0 {
-            spawn(Arc::clone(&producer), total).unwrap_or(Source::Inline(producer))
+        let source = if self.prefetch && first < total {
+            spawn(Arc::clone(&producer), first..total).unwrap_or(Source::Inline(producer))
         } else {
             Source::Inline(producer)
         };
         Batches {
             dataset: Arc::clone(&self.dataset),
-            next: 0,
+            next: first,
             total,
             source,
         }
@@ -171,13 +179,13 @@ enum Source {
     Done,
 }
 
-/// Start the prefetch thread; `None` if the thread cannot be created.
-fn spawn(producer: Arc<Producer>, total: usize) -> Option<Source> {
+/// Start the prefetch thread for the batches `range`; `None` if the thread cannot be created.
+fn spawn(producer: Arc<Producer>, range: std::ops::Range<usize>) -> Option<Source> {
     let (tx, rx) = sync_channel(PREFETCH_DEPTH);
     let handle = std::thread::Builder::new()
         .name("nerve-data-prefetch".into())
         .spawn(move || {
-            for b in 0..total {
+            for b in range {
                 let batch = producer.make(b);
                 let failed = batch.is_err();
                 // A send error means the consumer is gone: stop.

@@ -82,6 +82,28 @@ fn orders_differ_per_epoch_and_repeat_per_seed() {
 }
 
 #[test]
+fn epoch_from_continues_an_epoch_with_the_same_batches() {
+    let ds = indexed(64);
+    for prefetch in [true, false] {
+        let loader = DataLoader::new(Arc::clone(&ds), 7)
+            .shuffle(3)
+            .prefetch(prefetch);
+        let full = order(&loader, 2);
+        for first in [0, 1, 5, 9, 10] {
+            let it = loader.epoch_from(2, first);
+            assert_eq!(it.len(), full.len().saturating_sub(first));
+            let rest: Vec<Vec<usize>> = it
+                .map(|b| {
+                    let x = b.unwrap().0.to_vec::<f32>().unwrap();
+                    x.iter().map(|&v| v as usize).collect()
+                })
+                .collect();
+            assert_eq!(rest, full[first.min(full.len())..].to_vec(), "first {first}");
+        }
+    }
+}
+
+#[test]
 fn early_drop_does_not_hang() {
     let loader = DataLoader::new(digits(), 1).shuffle(0);
     let start = Instant::now();

@@ -502,22 +502,85 @@ impl Optimizer for Adagrad {
     common_optimizer_methods!();
 }
 
+/// The global L2 norm of the gradients of `params` (those that have one), summed in f64;
+/// NaN or infinite if any gradient element is.
+pub fn grad_norm(params: &[Tensor]) -> Result<f64> {
+    let total: f64 = params
+        .iter()
+        .filter_map(Tensor::grad)
+        .map(|g| g.to_f64_vec().iter().map(|v| v * v).sum::<f64>())
+        .sum();
+    Ok(total.sqrt())
+}
+
 /// Scale all gradients so that their global L2 norm is at most `max_norm`; returns the norm
-/// before clipping (PyTorch's `clip_grad_norm_`).
+/// before clipping (PyTorch's `clip_grad_norm_`). A non-finite norm leaves the gradients as
+/// they are.
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64> {
-    let mut total = 0.0;
-    let grads: Vec<Tensor> = params.iter().filter_map(Tensor::grad).collect();
-    for g in &grads {
-        total += g.to_f64_vec().iter().map(|v| v * v).sum::<f64>();
-    }
-    let norm = total.sqrt();
+    let norm = grad_norm(params)?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        for (p, g) in params.iter().filter(|p| p.grad().is_some()).zip(&grads) {
-            p.set_grad(Some(g.mul_scalar(coef)?));
+        for p in params {
+            if let Some(g) = p.grad() {
+                p.set_grad(Some(g.mul_scalar(coef)?));
+            }
         }
     }
     Ok(norm)
+}
+
+/// A non-finite number found in a parameter or its gradient by [`first_nonfinite`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonFinite {
+    /// The parameter's name.
+    pub name: String,
+    /// Whether the number is in the gradient (else in the parameter's value).
+    pub in_grad: bool,
+    /// The flat index of the first such element.
+    pub index: usize,
+    /// The value there (NaN or ±inf).
+    pub value: f64,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.in_grad { "the gradient of" } else { "" };
+        write!(
+            f,
+            "{what}{}`{}` holds {} (element {})",
+            if self.in_grad { " " } else { "" },
+            self.name,
+            self.value,
+            self.index
+        )
+    }
+}
+
+/// The first parameter (in `named` order) whose value holds a NaN or infinity, or failing
+/// that the first whose gradient does: where a diverging step shows itself first.
+pub fn first_nonfinite(named: &[(String, Tensor)]) -> Option<NonFinite> {
+    let find = |t: &Tensor| t.to_f64_vec().iter().position(|v| !v.is_finite());
+    for in_grad in [false, true] {
+        for (name, p) in named {
+            let t = if in_grad {
+                match p.grad() {
+                    Some(g) => g,
+                    None => continue,
+                }
+            } else {
+                p.clone()
+            };
+            if let Some(index) = find(&t) {
+                return Some(NonFinite {
+                    name: name.clone(),
+                    in_grad,
+                    index,
+                    value: t.to_f64_vec()[index],
+                });
+            }
+        }
+    }
+    None
 }
 
 /// Clamp every gradient element to `[-clip, clip]`.

@@ -494,3 +494,30 @@ fn positional_encodings() -> Result<()> {
     assert!(apply_rotary(&Tensor::randn([2, 3]), 0, 10000.0).is_err());
     Ok(())
 }
+
+#[test]
+fn grad_norm_clipping_and_the_first_nonfinite_parameter() -> Result<()> {
+    let a = Tensor::from_vec(vec![1.0f32, 2.0], [2])?.requires_grad_(true);
+    let b = Tensor::from_vec(vec![3.0f32], [1])?.requires_grad_(true);
+    a.set_grad(Some(Tensor::from_vec(vec![3.0f32, 0.0], [2])?));
+    b.set_grad(Some(Tensor::from_vec(vec![4.0f32], [1])?));
+    let params = [a.clone(), b.clone()];
+    assert_eq!(nerve_nn::grad_norm(&params)?, 5.0);
+    assert_eq!(nerve_nn::clip_grad_norm(&params, 1.0)?, 5.0);
+    assert!((nerve_nn::grad_norm(&params)? - 1.0).abs() < 1e-6);
+    let named = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+    assert_eq!(nerve_nn::first_nonfinite(&named), None);
+    // A gradient: reported with its index; a value is reported before any gradient.
+    b.set_grad(Some(Tensor::from_vec(vec![f32::NAN], [1])?));
+    let found = nerve_nn::first_nonfinite(&named).expect("a NaN gradient");
+    assert_eq!((found.name.as_str(), found.in_grad, found.index), ("b", true, 0));
+    assert!(found.to_string().contains("the gradient of `b`"), "{found}");
+    let c = Tensor::from_vec(vec![0.0f32, f32::INFINITY], [2])?;
+    let named = vec![("b".to_string(), b), ("c".to_string(), c)];
+    let found = nerve_nn::first_nonfinite(&named).expect("an infinite value");
+    assert_eq!((found.name.as_str(), found.in_grad, found.index), ("c", false, 1));
+    assert_eq!(found.value, f64::INFINITY);
+    // A non-finite norm leaves the gradients alone.
+    assert!(nerve_nn::clip_grad_norm(&[named[0].1.clone()], 1.0)?.is_nan());
+    Ok(())
+}
