@@ -98,7 +98,11 @@ fn epoch_from_continues_an_epoch_with_the_same_batches() {
                     x.iter().map(|&v| v as usize).collect()
                 })
                 .collect();
-            assert_eq!(rest, full[first.min(full.len())..].to_vec(), "first {first}");
+            assert_eq!(
+                rest,
+                full[first.min(full.len())..].to_vec(),
+                "first {first}"
+            );
         }
     }
 }

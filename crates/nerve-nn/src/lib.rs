@@ -59,8 +59,8 @@ pub use mamba::{
 };
 pub use module::{glob_match, Module, ModuleExt, Sequential, StateDictError};
 pub use optim::{
-    clip_grad_norm, clip_grad_value, first_nonfinite, grad_norm, Adagrad, Adam, NonFinite, Optimizer,
-    RmsProp, Sgd,
+    clip_grad_norm, clip_grad_value, first_nonfinite, grad_norm, Adagrad, Adam, NonFinite,
+    Optimizer, RmsProp, Sgd,
 };
 pub use rnn::{gru, lstm, Rnn, RnnKind, RnnOptions, RnnState};
 pub use transformer::{apply_rotary, sinusoidal_encoding, BlockOptions, TransformerBlock};

@@ -510,12 +510,18 @@ fn grad_norm_clipping_and_the_first_nonfinite_parameter() -> Result<()> {
     // A gradient: reported with its index; a value is reported before any gradient.
     b.set_grad(Some(Tensor::from_vec(vec![f32::NAN], [1])?));
     let found = nerve_nn::first_nonfinite(&named).expect("a NaN gradient");
-    assert_eq!((found.name.as_str(), found.in_grad, found.index), ("b", true, 0));
+    assert_eq!(
+        (found.name.as_str(), found.in_grad, found.index),
+        ("b", true, 0)
+    );
     assert!(found.to_string().contains("the gradient of `b`"), "{found}");
     let c = Tensor::from_vec(vec![0.0f32, f32::INFINITY], [2])?;
     let named = vec![("b".to_string(), b), ("c".to_string(), c)];
     let found = nerve_nn::first_nonfinite(&named).expect("an infinite value");
-    assert_eq!((found.name.as_str(), found.in_grad, found.index), ("c", false, 1));
+    assert_eq!(
+        (found.name.as_str(), found.in_grad, found.index),
+        ("c", false, 1)
+    );
     assert_eq!(found.value, f64::INFINITY);
     // A non-finite norm leaves the gradients alone.
     assert!(nerve_nn::clip_grad_norm(&[named[0].1.clone()], 1.0)?.is_nan());
