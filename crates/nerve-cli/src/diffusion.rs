@@ -9,15 +9,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use nerve_core::{no_grad, Generator, Tensor};
 use nerve_data::image::save_png_grid;
-use nerve_data::DataLoader;
+use nerve_data::{Batches, DataLoader, Dataset};
 use nerve_models::ddpm::{ddpm_loss, sample_ddim, sample_ddpm, DdpmSchedule, SampleOptions};
 use nerve_models::{UNet, UNetConfig};
-use nerve_nn::checkpoint::{load_safetensors, write_atomic};
-use nerve_nn::{clip_grad_norm, load_model, Module, ModuleExt};
+use nerve_nn::checkpoint::load_safetensors;
+use nerve_nn::{load_model, Module, ModuleExt};
 
 use crate::models::config_from;
-use crate::run::StepRun;
-use crate::{checkpoint_file, checkpoint_kind, meta_get, progress_bar, stored_config, TrainArgs};
+use crate::trainer::{self, MicroBatch, Task};
+use crate::{checkpoint_file, checkpoint_kind, meta_get, stored_config, TrainArgs};
 
 /// Probability that a training label is replaced by the null class (classifier-free
 /// guidance).
@@ -61,130 +61,166 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let classes = splits.train.num_classes();
     let (model, config) = build(&dims, classes, a.config_json()?.as_ref())?;
     let net: &dyn Module = &model;
-    let schedule = DdpmSchedule::default();
     let batch = a.batch_size.unwrap_or(64);
     let steps = a.steps.unwrap_or(5000);
-    let clip = a.clip_grad_norm.unwrap_or(1.0);
     let out = a.out();
-    let mut opt = crate::make_optimizer(a, net.parameters());
-    let mut run = StepRun::new(&out, "step,train_loss,lr,seconds,samples_per_s");
-    let mut start = 0usize;
-    if a.resume {
-        start = run.resume(net, opt.as_mut())?.0;
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
-    println!(
+    let opt = crate::make_optimizer(a, net.parameters());
+    let set = a.settings(steps, 500, 1.0, steps / 20)?;
+    let meta = HashMap::from([
+        ("nerve.model".to_string(), "ddpm".to_string()),
+        ("nerve.data".to_string(), data_name.clone()),
+        ("nerve.config".to_string(), config.to_string()),
+        ("nerve.seed".to_string(), a.seed.to_string()),
+    ]);
+    let mut trainer = trainer::start(a, &out, net, opt, set, &config, &meta)?;
+    a.say(&format!(
         "training ddpm ({} parameters, config {config}) on {data_name} ({} images of {dims:?}, {classes} classes) for {steps} steps of {batch}, {:?} lr {}",
         net.num_parameters(),
         splits.train.len(),
         a.optimizer,
         a.lr
-    );
+    ));
     let loader = DataLoader::new(splits.train.clone(), batch)
         .shuffle(a.seed)
         .drop_last(true);
-    let per_epoch = loader.num_batches().max(1);
-    let lr_schedule = a.schedule(steps, steps / 20);
-    let t_run = Instant::now();
-    let mut step = start;
-    let mut epoch = start / per_epoch;
-    let mut batches = loader.epoch(epoch);
-    // A resumed run continues its epoch where it stopped.
-    for _ in 0..start % per_epoch {
-        batches.next();
-    }
-    while step < steps {
-        let chunk_end = ((step / a.eval_every + 1) * a.eval_every).min(steps);
-        let pb = progress_bar(!a.no_progress, chunk_end - step, format!("step {step}"));
-        let t0 = Instant::now();
-        let (mut loss_sum, mut n) = (0.0, 0usize);
-        for s in step..chunk_end {
-            let (x, y) = match batches.next() {
-                Some(b) => b?,
-                None => {
-                    epoch += 1;
-                    batches = loader.epoch(epoch);
-                    batches.next().context("the data set has no full batch")??
-                }
-            };
-            opt.set_lr(lr_schedule.lr(a.lr, s));
-            // The noise and timesteps of step s depend only on the seed and s (resumable).
-            let mut g = Generator::new(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ s as u64);
-            let l = ddpm_loss(
-                &model,
-                &schedule,
-                &to_model_range(&x)?,
-                Some(&y),
-                LABEL_DROPOUT,
-                &mut g,
-            )?;
-            let lv = l.item::<f32>()? as f64;
-            if !lv.is_finite() {
-                bail!("the loss became {lv} at step {}; try a lower --lr", s + 1);
-            }
-            l.backward()?;
-            if clip > 0.0 {
-                clip_grad_norm(opt.params(), clip)?;
-            }
-            opt.step()?;
-            opt.zero_grad();
-            loss_sum += lv;
-            n += 1;
-            pb.inc(1);
-            pb.set_message(format!(
-                "loss {:.4} {:.0} images/s",
-                loss_sum / n as f64,
-                (n * batch) as f64 / t0.elapsed().as_secs_f64()
-            ));
-        }
-        pb.finish_and_clear();
-        let secs = t0.elapsed().as_secs_f64();
-        step = chunk_end;
-        let train_loss = loss_sum / n as f64;
-        println!(
-            "step {step:>6}/{steps}  loss {train_loss:.4}  lr {:.2e}  {:.0} images/s  {:.0}s",
-            opt.lr(),
-            (n * batch) as f64 / secs,
-            t_run.elapsed().as_secs_f64()
+    if loader.num_batches() == 0 {
+        bail!(
+            "--data {data_name}: fewer than one batch of {batch} training images (lower --batch-size)"
         );
-        run.metrics.push_str(&format!(
-            "{step},{train_loss:.6},{:.6e},{secs:.3},{:.1}\n",
-            opt.lr(),
-            (n * batch) as f64 / secs
-        ));
-        let meta = HashMap::from([
-            ("nerve.model".to_string(), "ddpm".to_string()),
-            ("nerve.data".to_string(), data_name.clone()),
-            ("nerve.config".to_string(), config.to_string()),
-            ("nerve.seed".to_string(), a.seed.to_string()),
-        ]);
-        run.save(net, opt.as_ref(), step, meta)?;
-        // One sample of each class (DDIM, 25 steps), so the run can be watched.
-        let labels: Vec<i64> = (0..classes as i64).collect();
-        let mut g = Generator::new(a.seed);
+    }
+    let mut task = DdpmTask {
+        model: &model,
+        schedule: DdpmSchedule::default(),
+        per_epoch: loader.num_batches(),
+        loader,
+        batches: None,
+        val: splits.val,
+        accumulate: a.accumulate,
+        seed: a.seed,
+        dims,
+        classes,
+        meta,
+    };
+    trainer.fit(&mut task)
+}
+
+/// Held-out images in each validation loss (at most).
+const VAL_IMAGES: usize = 256;
+
+/// Training the diffusion model: DDPM's noise-prediction loss with 10% label dropout on
+/// shuffled batches, a validation loss with fixed noise, and a sample grid per evaluation.
+struct DdpmTask<'a> {
+    model: &'a UNet,
+    schedule: DdpmSchedule,
+    loader: DataLoader,
+    per_epoch: usize,
+    /// The epoch being read, the index of its next batch, and its batches.
+    batches: Option<(usize, usize, Batches)>,
+    val: Dataset,
+    accumulate: usize,
+    seed: u64,
+    dims: Vec<usize>,
+    classes: usize,
+    meta: HashMap<String, String>,
+}
+
+impl DdpmTask<'_> {
+    /// The generator of the noise and timesteps of global batch `g` (from the seed alone,
+    /// so a resumed run draws the same).
+    fn noise(&self, g: usize) -> Generator {
+        Generator::new(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ g as u64)
+    }
+}
+
+impl Task for DdpmTask<'_> {
+    fn micro_step(&mut self, step: usize, micro: usize, n: usize) -> Result<MicroBatch> {
+        let g = step * self.accumulate + micro;
+        let (epoch, b) = (g / self.per_epoch, g % self.per_epoch);
+        if !matches!(&self.batches, Some((e, i, _)) if *e == epoch && *i == b) {
+            self.batches = Some((epoch, b, self.loader.epoch_from(epoch, b)));
+        }
+        let (_, next, batches) = self.batches.as_mut().expect("set above");
+        let (x, y) = batches
+            .next()
+            .with_context(|| format!("epoch {epoch} has no batch {b}"))??;
+        *next += 1;
+        let mut gen = self.noise(g);
+        let l = ddpm_loss(
+            self.model,
+            &self.schedule,
+            &to_model_range(&x)?,
+            Some(&y),
+            LABEL_DROPOUT,
+            &mut gen,
+        )?;
+        if n > 1 {
+            l.div_scalar(n as f64)?.backward()?;
+        } else {
+            l.backward()?;
+        }
+        Ok(MicroBatch {
+            loss: l.item::<f32>()? as f64,
+            samples: y.numel(),
+            correct: None,
+        })
+    }
+
+    fn micro_batches(&self, _step: usize) -> usize {
+        self.accumulate
+    }
+
+    fn epoch(&self, steps: usize) -> Option<f64> {
+        Some((steps * self.accumulate) as f64 / self.per_epoch as f64)
+    }
+
+    /// The noise-prediction loss on up to 256 held-out images with the same noise and
+    /// timesteps every time (no label dropout), so evaluations compare.
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        let n = self.val.len().min(VAL_IMAGES);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        self.model.eval();
+        let mut gen = Generator::new(self.seed ^ 0x5EED_0FDA_7A00);
+        let (mut total, mut count) = (0.0, 0usize);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+            let (x, y) = self.val.batch(chunk)?;
+            let x = to_model_range(&x)?;
+            let l = no_grad(|| ddpm_loss(self.model, &self.schedule, &x, Some(&y), 0.0, &mut gen))?;
+            total += l.item::<f32>()? as f64 * chunk.len() as f64;
+            count += chunk.len();
+        }
+        Ok(vec![("val_loss", total / count as f64)])
+    }
+
+    /// One sample of each class (DDIM, 25 steps) into samples.png, so the run can be watched.
+    fn after_eval(&mut self, dir: &Path) -> Result<()> {
+        let labels: Vec<i64> = (0..self.classes as i64).collect();
+        let mut g = Generator::new(self.seed);
+        let d = &self.dims;
+        self.model.eval();
         let imgs = sample_ddim(
-            &model,
-            &schedule,
-            Some(&Tensor::from_vec(labels, [classes])?),
-            &[classes, dims[0], dims[1], dims[2]],
+            self.model,
+            &self.schedule,
+            Some(&Tensor::from_vec(labels, [self.classes])?),
+            &[self.classes, d[0], d[1], d[2]],
             25,
             0.0,
             &SampleOptions::default(),
             &mut g,
         )?;
-        save_png_grid(&imgs, classes, (-1.0, 1.0), out.join("samples.png"))?;
-        net.train();
+        self.model.train();
+        save_png_grid(&imgs, self.classes, (-1.0, 1.0), dir.join("samples.png"))?;
+        Ok(())
     }
-    println!(
-        "checkpoint {}; samples {}",
-        run.model_file.display(),
-        out.join("samples.png").display()
-    );
-    Ok(())
+
+    fn meta(&self) -> HashMap<String, String> {
+        self.meta.clone()
+    }
+
+    fn throughput_key(&self) -> &'static str {
+        "images_per_s"
+    }
 }
 
 /// Arguments of `nerve sample`.

@@ -10,13 +10,13 @@ use nerve_core::no_grad;
 use nerve_data::text::{eval_starts, random_starts, read_text, windows};
 use nerve_data::{CharTokenizer, TextSplits};
 use nerve_models::LanguageModel;
-use nerve_nn::checkpoint::{load_safetensors, write_atomic};
+use nerve_nn::checkpoint::load_safetensors;
 use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
-use nerve_nn::{clip_grad_norm, load_model, Module, ModuleExt};
+use nerve_nn::{load_model, Module, ModuleExt};
 
 use crate::models::{self, ModelKind};
-use crate::run::StepRun;
-use crate::{checkpoint_file, checkpoint_kind, meta_get, progress_bar, stored_config, TrainArgs};
+use crate::trainer::{self, MicroBatch, Task};
+use crate::{checkpoint_file, checkpoint_kind, meta_get, stored_config, TrainArgs};
 
 /// The text of `--data`: `shakespeare` (from `nerve data get shakespeare`) or a file.
 pub(crate) fn load_corpus(spec: &str, data_dir: Option<&Path>) -> Result<String> {
@@ -103,8 +103,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             bail!("--seq-len {seq} is longer than the model's context ({ctx}, config field `context`)");
         }
     }
-    if seq == 0 || a.eval_every == 0 {
-        bail!("--seq-len and --eval-every must be at least 1");
+    if seq == 0 {
+        bail!("--seq-len must be at least 1");
     }
     if splits.val.len() < seq + 1 {
         bail!(
@@ -115,27 +115,20 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     }
     let batch = a.batch_size.unwrap_or(32);
     let steps = a.steps.unwrap_or(2000);
-    let clip = a.clip_grad_norm.unwrap_or(1.0);
     let out = a.out();
-    let mut opt = crate::make_optimizer(a, net.parameters());
-    let mut run = StepRun::new(&out, "step,train_loss,val_loss,lr,seconds,tokens_per_s");
-    let mut start = 0usize;
-    if a.resume {
-        let meta;
-        (start, meta) = run.resume(net, opt.as_mut())?;
-        if meta.get("nerve.vocab") != Some(&tok.vocab()) {
-            bail!(
-                "{}: trained on another vocabulary than {data_name}'s",
-                run.model_file.display()
-            );
-        }
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
-    println!(
+    let opt = crate::make_optimizer(a, net.parameters());
+    let set = a.settings(steps, 250, 1.0, steps / 20)?;
+    let meta = HashMap::from([
+        ("nerve.model".to_string(), a.model.name().to_string()),
+        ("nerve.data".to_string(), data_name.clone()),
+        ("nerve.config".to_string(), config.to_string()),
+        ("nerve.vocab".to_string(), tok.vocab()),
+        ("nerve.seq_len".to_string(), seq.to_string()),
+        ("nerve.seed".to_string(), a.seed.to_string()),
+        ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
+    ]);
+    let mut trainer = trainer::start(a, &out, net, opt, set, &config, &meta)?;
+    a.say(&format!(
         "training {} ({} parameters, config {config}) on {data_name} ({} train / {} held-out characters, vocabulary {}) for {steps} steps of {batch}×{seq} tokens, {:?} lr {}",
         a.model.name(),
         net.num_parameters(),
@@ -144,86 +137,95 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         tok.len(),
         a.optimizer,
         a.lr
-    );
-    let schedule = a.schedule(steps, steps / 20);
+    ));
     let val_starts = eval_starts(splits.val.len(), seq, a.eval_windows);
-    let ce = CrossEntropyOptions::default();
-    let t_run = Instant::now();
-    let mut step = start;
-    while step < steps {
-        let chunk_end = ((step / a.eval_every + 1) * a.eval_every).min(steps);
-        let pb = progress_bar(!a.no_progress, chunk_end - step, format!("step {step}"));
-        let t0 = Instant::now();
-        let (mut loss_sum, mut n) = (0.0, 0usize);
-        for s in step..chunk_end {
-            opt.set_lr(schedule.lr(a.lr, s));
-            for micro in 0..a.accumulate {
-                let draw = (s * a.accumulate + micro) as u64;
-                let starts = random_starts(splits.train.len(), seq, batch, a.seed, draw)?;
-                let (x, y) = windows(&splits.train, &starts, seq)?;
-                let logits = model.forward(&x)?;
-                let v = logits.dims()[2] as isize;
-                let l = loss::cross_entropy(&logits.reshape(&[-1, v])?, &y.reshape(&[-1])?, &ce)?;
-                let lv = l.item::<f32>()? as f64;
-                if !lv.is_finite() {
-                    bail!("the loss became {lv} at step {}; try a lower --lr", s + 1);
-                }
-                loss_sum += lv;
-                n += 1;
-                if a.accumulate > 1 {
-                    l.div_scalar(a.accumulate as f64)?.backward()?;
-                } else {
-                    l.backward()?;
-                }
-            }
-            if clip > 0.0 {
-                clip_grad_norm(opt.params(), clip)?;
-            }
-            opt.step()?;
-            opt.zero_grad();
-            pb.inc(1);
-            pb.set_message(format!(
-                "loss {:.4} {:.0} tok/s",
-                loss_sum / n as f64,
-                (n * batch * seq) as f64 / t0.elapsed().as_secs_f64()
-            ));
+    let mut task = LmTask {
+        model,
+        tok: &tok,
+        splits: &splits,
+        val_starts,
+        seq,
+        batch,
+        accumulate: a.accumulate,
+        seed: a.seed,
+        meta,
+    };
+    trainer.fit(&mut task)
+}
+
+/// Training a language model: random windows of the training text (drawn from the seed and
+/// the step, so a resumed run draws the same), the loss on fixed held-out windows, and a
+/// sample at the end.
+struct LmTask<'a> {
+    model: &'a dyn LanguageModel,
+    tok: &'a CharTokenizer,
+    splits: &'a TextSplits,
+    val_starts: Vec<usize>,
+    seq: usize,
+    batch: usize,
+    accumulate: usize,
+    seed: u64,
+    meta: HashMap<String, String>,
+}
+
+impl Task for LmTask<'_> {
+    fn micro_step(&mut self, step: usize, micro: usize, n: usize) -> Result<MicroBatch> {
+        let draw = (step * self.accumulate + micro) as u64;
+        let starts = random_starts(
+            self.splits.train.len(),
+            self.seq,
+            self.batch,
+            self.seed,
+            draw,
+        )?;
+        let (x, y) = windows(&self.splits.train, &starts, self.seq)?;
+        let logits = self.model.forward(&x)?;
+        let v = logits.dims()[2] as isize;
+        let l = loss::cross_entropy(
+            &logits.reshape(&[-1, v])?,
+            &y.reshape(&[-1])?,
+            &CrossEntropyOptions::default(),
+        )?;
+        if n > 1 {
+            l.div_scalar(n as f64)?.backward()?;
+        } else {
+            l.backward()?;
         }
-        pb.finish_and_clear();
-        let secs = t0.elapsed().as_secs_f64();
-        let tps = (n * batch * seq) as f64 / secs;
-        step = chunk_end;
-        let val = mean_loss(model, &splits.val, &val_starts, seq, batch)?;
-        let train_loss = loss_sum / n as f64;
-        println!(
-            "step {step:>6}/{steps}  train loss {train_loss:.4}  val loss {val:.4} ({:.3} bits/char)  lr {:.2e}  {tps:.0} tok/s  {:.0}s",
-            val / std::f64::consts::LN_2,
-            opt.lr(),
-            t_run.elapsed().as_secs_f64()
-        );
-        run.metrics.push_str(&format!(
-            "{step},{train_loss:.6},{val:.6},{:.6e},{secs:.3},{tps:.1}\n",
-            opt.lr()
-        ));
-        let meta = HashMap::from([
-            ("nerve.model".to_string(), a.model.name().to_string()),
-            ("nerve.data".to_string(), data_name.clone()),
-            ("nerve.config".to_string(), config.to_string()),
-            ("nerve.vocab".to_string(), tok.vocab()),
-            ("nerve.seq_len".to_string(), seq.to_string()),
-            ("nerve.seed".to_string(), a.seed.to_string()),
-            ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
-            ("nerve.val_loss".to_string(), val.to_string()),
-        ]);
-        run.save(net, opt.as_ref(), step, meta)?;
+        Ok(MicroBatch {
+            loss: l.item::<f32>()? as f64,
+            samples: self.batch * self.seq,
+            correct: None,
+        })
     }
-    let prompt = tok.encode("\n").unwrap_or_else(|_| vec![0]);
-    let sample = model.generate(&prompt, 300, 0.8, 40)?;
-    println!(
-        "sample (temperature 0.8, top-k 40):\n{}",
-        tok.decode(&sample)?
-    );
-    println!("checkpoint {}", run.model_file.display());
-    Ok(())
+
+    fn micro_batches(&self, _step: usize) -> usize {
+        self.accumulate
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        let l = mean_loss(
+            self.model,
+            &self.splits.val,
+            &self.val_starts,
+            self.seq,
+            self.batch,
+        )?;
+        Ok(vec![("val_loss", l)])
+    }
+
+    fn sample_text(&mut self) -> Result<Option<String>> {
+        let prompt = self.tok.encode("\n").unwrap_or_else(|_| vec![0]);
+        let sample = self.model.generate(&prompt, 300, 0.8, 40)?;
+        Ok(Some(self.tok.decode(&sample)?))
+    }
+
+    fn meta(&self) -> HashMap<String, String> {
+        self.meta.clone()
+    }
+
+    fn throughput_key(&self) -> &'static str {
+        "tokens_per_s"
+    }
 }
 
 /// A language model and its tokenizer, rebuilt from a run checkpoint.
@@ -239,6 +241,16 @@ fn load_run(
         .with_context(|| format!("{}: the stored config", file.display()))?;
     load_model(model.as_ref() as &dyn Module, file)?;
     Ok((model, tok))
+}
+
+/// A sample of `tokens` characters from the language-model checkpoint `file` (temperature
+/// 0.8, top-k 40, seed 0), continuing a newline.
+pub fn sample_from(file: &Path, meta: &HashMap<String, String>, tokens: usize) -> Result<String> {
+    let (model, tok) = load_run(file, meta)?;
+    nerve_core::manual_seed(0);
+    let prompt = tok.encode("\n").unwrap_or_else(|_| vec![0]);
+    let out = model.generate(&prompt, tokens, 0.8, 40)?;
+    Ok(tok.decode(&out)?)
 }
 
 /// `nerve eval` of a language-model checkpoint: the loss on every window of the held-out text.

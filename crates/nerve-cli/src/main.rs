@@ -10,27 +10,26 @@ mod embed;
 mod finetune;
 mod lm;
 mod models;
+mod plot;
 mod pretrained;
-mod run;
+mod report;
+mod trainer;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nerve_core::{no_grad, Tensor};
 use nerve_data::{Augment, DataLoader, Dataset};
-use nerve_nn::checkpoint::{load_safetensors, write_atomic};
+use nerve_nn::checkpoint::load_safetensors;
 use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
-use nerve_nn::{
-    clip_grad_norm, load_model, load_optimizer, save_model, save_optimizer, Adagrad, Adam,
-    LrSchedule, Module, ModuleExt, Optimizer, RmsProp, Sgd,
-};
+use nerve_nn::{load_model, Adagrad, Adam, LrSchedule, Module, ModuleExt, Optimizer, RmsProp, Sgd};
 
 use crate::models::ModelKind;
+use crate::trainer::{OnNonFinite, Settings, Verbosity};
 
 /// mimalloc keeps freed blocks for reuse, so the tensors of every step cost no page faults
 /// (measured: the `cnn` step 37 → 18 ms, `add-16m` 4× faster than with glibc's allocator).
@@ -72,12 +71,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a network (with no arguments: the CNN on the embedded digits set).
+    #[command(args_override_self = true)]
     Train(TrainArgs),
     /// Evaluate a checkpoint: loss, accuracy and a confusion matrix (language models: the
     /// held-out loss).
     Eval(EvalArgs),
     /// Continue a prompt with a trained language model.
     Generate(lm::GenerateArgs),
+    /// Write a Markdown or HTML report of a training run: config, metrics, plots, a
+    /// confusion matrix (classifiers) or samples (generative models).
+    Report(report::ReportArgs),
     /// Draw images from a trained diffusion model into a PNG grid.
     Sample(diffusion::SampleArgs),
     /// Name the ImageNet classes of photos with the pretrained EfficientNet-Lite0.
@@ -175,9 +178,39 @@ struct TrainArgs {
     /// Language models: tokens per training window (default: 64 for lstm/gru, 128 else).
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Language models: evaluate and save a checkpoint every this many steps.
-    #[arg(long, default_value_t = 250)]
-    eval_every: usize,
+    /// Evaluate on the held-out data every this many optimizer steps, and at the end
+    /// (default: once per epoch for classifiers, 250 steps for language models, 500 for ddpm).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Write a checkpoint every this many steps (default: at every evaluation), and at the
+    /// end.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Step checkpoints kept in RUN/checkpoints (the newest).
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+    /// Write a `train` record (loss, learning rate, gradient norm, throughput) to
+    /// metrics.jsonl every this many steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// The metric that picks best.safetensors and drives --early-stopping: val_loss,
+    /// val_accuracy (classifiers) or loss (the training loss).
+    #[arg(long, default_value = "val_loss")]
+    monitor: String,
+    /// Stop when --monitor has not improved for this many evaluations.
+    #[arg(long, value_name = "PATIENCE")]
+    early_stopping: Option<usize>,
+    /// The least change of --monitor that counts as an improvement.
+    #[arg(long, default_value_t = 0.0)]
+    min_delta: f64,
+    /// On a NaN or infinite loss or gradient: stop (keeping the last good checkpoint) or
+    /// skip the step.
+    #[arg(long, value_enum, default_value_t = OnNonFinite::Stop)]
+    on_nonfinite: OnNonFinite,
+    /// Stop once this many optimizer steps are done, with a checkpoint, as if interrupted
+    /// (continue with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
     /// Language models: held-out windows in each evaluation.
     #[arg(long, default_value_t = 128)]
     eval_windows: usize,
@@ -217,12 +250,24 @@ struct TrainArgs {
     /// Output folder for the checkpoint and metrics (default: runs/<model>-<data>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue from the checkpoint in --out.
-    #[arg(long)]
-    resume: bool,
-    /// No progress bar.
+    /// Continue the run in RUN (default: --out) from its newest checkpoint, with the
+    /// arguments it was started with; arguments given here override them (e.g. more
+    /// --epochs or --steps).
+    #[arg(long, value_name = "RUN", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
+    /// No progress bar or progress lines.
     #[arg(long)]
     no_progress: bool,
+    /// Print only the final result and errors.
+    #[arg(long, conflicts_with = "json")]
+    quiet: bool,
+    /// Print every metrics record as a JSON line on stdout (and nothing else there).
+    #[arg(long)]
+    json: bool,
+    /// The arguments of this run as `nerve train` takes them (stored in config.json for
+    /// --resume).
+    #[arg(skip)]
+    command: Vec<String>,
 }
 
 impl TrainArgs {
@@ -259,6 +304,58 @@ impl TrainArgs {
                     .with_context(|| format!("--config {}: not valid JSON", p.display()))
             })
             .transpose()
+    }
+
+    /// The loop settings for a run of `steps` optimizer steps (`eval_every` and `clip` are
+    /// the model's defaults unless given; `warmup` steps for --schedule warmup-cosine).
+    fn settings(
+        &self,
+        steps: usize,
+        eval_every: usize,
+        clip: f64,
+        warmup: usize,
+    ) -> Result<Settings> {
+        let eval_every = self.eval_every.unwrap_or(eval_every);
+        let checkpoint_every = self.checkpoint_every.unwrap_or(eval_every);
+        if eval_every == 0 || checkpoint_every == 0 || self.log_every == 0 {
+            bail!("--eval-every, --checkpoint-every and --log-every must be at least 1");
+        }
+        if !["val_loss", "val_accuracy", "loss"].contains(&self.monitor.as_str()) {
+            bail!(
+                "--monitor {}: not val_loss, val_accuracy or loss",
+                self.monitor
+            );
+        }
+        Ok(Settings {
+            steps,
+            eval_every,
+            checkpoint_every,
+            keep: self.keep_checkpoints,
+            log_every: self.log_every,
+            clip: self.clip_grad_norm.unwrap_or(clip),
+            lr: self.lr,
+            schedule: self.schedule(steps, warmup),
+            monitor: self.monitor.clone(),
+            patience: self.early_stopping,
+            min_delta: self.min_delta,
+            on_nonfinite: self.on_nonfinite,
+            stop_after: self.stop_after,
+            verbosity: if self.json {
+                Verbosity::Json
+            } else if self.quiet {
+                Verbosity::Quiet
+            } else {
+                Verbosity::Normal
+            },
+            progress: !self.no_progress,
+        })
+    }
+
+    /// Human lines before training starts (not with --quiet or --json).
+    fn say(&self, line: &str) {
+        if !self.quiet && !self.json {
+            println!("{line}");
+        }
     }
 
     /// The learning-rate schedule over `total` optimizer steps of which `warmup` warm up.
@@ -319,7 +416,7 @@ struct EvalArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Split {
+pub(crate) enum Split {
     /// The official test split (or validation where there is none).
     Test,
     /// The held-out validation split.
@@ -335,9 +432,10 @@ fn main() {
         nerve_core::threading::set_num_threads(t);
     }
     let result = match cli.cmd {
-        Cmd::Train(a) => train(a),
+        Cmd::Train(a) => with_command(a).and_then(train),
         Cmd::Eval(a) => eval(a),
         Cmd::Generate(a) => lm::generate(a),
+        Cmd::Report(a) => report::run(&a),
         Cmd::Sample(a) => diffusion::sample(a),
         Cmd::Classify(a) => classify::run(&a),
         Cmd::Embed(a) => embed::run(&a),
@@ -369,13 +467,116 @@ fn main() {
                 msg.push_str(&c);
             }
         }
+        if let Some(i) = e.downcast_ref::<trainer::Interrupted>() {
+            std::process::exit(128 + i.signal as i32);
+        }
         eprintln!("error: {msg}");
         std::process::exit(1);
     }
 }
 
+/// The arguments after `train` on this process's command line.
+fn train_argv() -> Vec<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "train" => return args[i + 1..].to_vec(),
+            "--threads" => i += 2,
+            _ => i += 1,
+        }
+    }
+    Vec::new()
+}
+
+/// Options of one invocation rather than of the run (not stored for --resume), and whether
+/// each takes a value.
+const INVOCATION_OPTIONS: &[(&str, bool)] = &[
+    ("--resume", false),
+    ("--out", true),
+    ("--stop-after", true),
+    ("--quiet", false),
+    ("--json", false),
+    ("--no-progress", false),
+];
+
+/// `argv` without the options of this invocation (`--resume [RUN]`, `--out DIR`,
+/// `--stop-after N`, output options, in any spelling), then `--out out`.
+fn run_command(argv: &[String], out: &Path) -> Vec<String> {
+    let mut kept = Vec::new();
+    let mut it = argv.iter().peekable();
+    while let Some(arg) = it.next() {
+        let name = arg.split('=').next().unwrap_or(arg);
+        match INVOCATION_OPTIONS.iter().find(|(o, _)| *o == name) {
+            Some(_) if arg.contains('=') => {}
+            Some((_, true)) => {
+                it.next();
+            }
+            Some((o, false)) => {
+                // `--resume` takes an optional value.
+                if *o == "--resume" {
+                    it.next_if(|v| !v.starts_with('-'));
+                }
+            }
+            None => kept.push(arg.clone()),
+        }
+    }
+    kept.extend(["--out".to_string(), out.display().to_string()]);
+    kept
+}
+
+/// Fill in `a.command` (the arguments to store with the run); for `--resume`, first re-read
+/// the arguments the run was started with from its config.json, overridden by those given
+/// now.
+fn with_command(a: TrainArgs) -> Result<TrainArgs> {
+    let now = train_argv();
+    let mut a = match &a.resume {
+        None => a,
+        Some(run) => {
+            let dir = run.clone().unwrap_or_else(|| a.out());
+            let file = dir.join("config.json");
+            let text = std::fs::read_to_string(&file).with_context(|| {
+                format!(
+                    "--resume {}: reading {} (is it a run folder?)",
+                    dir.display(),
+                    file.display()
+                )
+            })?;
+            let cfg: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", file.display()))?;
+            let stored: Vec<String> = cfg
+                .get("command")
+                .and_then(|c| serde_json::from_value(c.clone()).ok())
+                .with_context(|| {
+                    format!(
+                        "{}: no `command` list (a run of an older nerve?); start it again",
+                        file.display()
+                    )
+                })?;
+            let mut argv = vec!["nerve".to_string(), "train".to_string()];
+            argv.extend(stored);
+            argv.extend(now.iter().cloned());
+            argv.extend(["--out".to_string(), dir.display().to_string()]);
+            let cli = Cli::try_parse_from(&argv).map_err(|e| {
+                anyhow::anyhow!(
+                    "the arguments stored in {} with those given now: {e}",
+                    file.display()
+                )
+            })?;
+            let Cmd::Train(mut b) = cli.cmd else {
+                unreachable!("parsed as `train`")
+            };
+            b.command = run_command(&argv[2..], &dir);
+            b.resume = Some(Some(dir));
+            return Ok(b);
+        }
+    };
+    a.command = run_command(&now, &a.out());
+    Ok(a)
+}
+
 /// Loss sum, correct count, sample count and confusion matrix of `model` on `ds`.
-struct Scores {
+pub(crate) struct Scores {
     loss: f64,
     correct: usize,
     n: usize,
@@ -506,7 +707,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let classes = splits.train.num_classes();
     let (model, config) = models::build(a.model, &dims, classes, a.config_json()?.as_ref())?;
     let model = model.as_ref();
-    let mut opt = make_optimizer(&a, model.parameters());
+    let opt = make_optimizer(&a, model.parameters());
     let epochs = a
         .epochs
         .unwrap_or(if matches!(data_name.as_str(), "mnist" | "fashion-mnist") {
@@ -514,46 +715,6 @@ fn train(a: TrainArgs) -> Result<()> {
         } else {
             20
         });
-    let model_file = out.join("model.safetensors");
-    let opt_file = out.join("optimizer.safetensors");
-    let metrics_file = out.join("metrics.csv");
-    let mut metrics = String::from("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n");
-    let mut start = 0;
-    let mut best = 0.0;
-    if a.resume {
-        let meta = load_model(model, &model_file)?;
-        let ometa = load_optimizer(opt.as_mut(), &opt_file)?;
-        let epoch = meta_get(&meta, "nerve.epoch", &model_file)?;
-        if ometa.get("nerve.epoch").map(String::as_str) != Some(epoch) {
-            bail!(
-                "{} (epoch {epoch}) and {} (epoch {}) are from different epochs; the run was interrupted while saving",
-                model_file.display(),
-                opt_file.display(),
-                ometa.get("nerve.epoch").map_or("unknown", String::as_str)
-            );
-        }
-        start = epoch
-            .parse()
-            .with_context(|| format!("{}: bad nerve.epoch", model_file.display()))?;
-        best = meta
-            .get("nerve.best_val_accuracy")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        metrics = std::fs::read_to_string(&metrics_file).unwrap_or(metrics);
-        println!("resuming {} from epoch {start}", model_file.display());
-    }
-    println!(
-        "training {} ({} parameters) on {} ({} train / {} validation samples of {:?}, {classes} classes) for {epochs} epochs, {:?} lr {}, batch {}",
-        a.model.name(),
-        model.num_parameters(),
-        data_name,
-        splits.train.len(),
-        splits.val.len(),
-        dims,
-        a.optimizer,
-        a.lr,
-        batch_size
-    );
     let augment = Augment {
         pad: a.augment_pad,
         hflip: false,
@@ -562,128 +723,196 @@ fn train(a: TrainArgs) -> Result<()> {
         .shuffle(a.seed)
         .augment(augment);
     let per_epoch = loader.num_batches();
+    if per_epoch == 0 {
+        bail!("--data {data_name}: the training split is empty");
+    }
     // Optimizer steps: accumulation windows of `accumulate` batches, the last of each epoch
     // possibly shorter.
     let steps_per_epoch = per_epoch.div_ceil(a.accumulate);
-    let total_steps = epochs * steps_per_epoch;
-    let schedule = a.schedule(total_steps, steps_per_epoch);
-    for epoch in start..epochs {
-        model.train();
-        let t0 = Instant::now();
-        let pb = progress_bar(
-            !a.no_progress,
-            per_epoch,
-            format!("epoch {}/{epochs}", epoch + 1),
-        );
-        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
-        for (i, b) in loader.epoch(epoch).enumerate() {
-            let (x, y) = b?;
-            let window = i / a.accumulate;
-            opt.set_lr(schedule.lr(a.lr, epoch * steps_per_epoch + window));
-            let logits = model.forward(&x)?;
-            let l = loss::cross_entropy(&logits, &y, &Default::default())?;
-            // The mean over the window's batches (the last window of an epoch may be short).
-            let in_window = a.accumulate.min(per_epoch - window * a.accumulate);
-            let scaled = if in_window > 1 {
-                l.div_scalar(in_window as f64)?
-            } else {
-                l.clone()
-            };
-            scaled.backward()?;
-            if (i + 1) % a.accumulate == 0 || i + 1 == per_epoch {
-                if let Some(max) = a.clip_grad_norm {
-                    clip_grad_norm(opt.params(), max)?;
-                }
-                opt.step()?;
-                opt.zero_grad();
-            }
-            let n = y.numel();
-            let lv = l.item::<f32>()? as f64;
-            if !lv.is_finite() {
-                bail!(
-                    "the loss became {lv} at epoch {} batch {}; try a lower --lr",
-                    epoch + 1,
-                    i + 1
-                );
-            }
-            loss_sum += lv * n as f64;
-            correct += (loss::accuracy(&logits, &y)? * n as f64).round() as usize;
-            seen += n;
-            pb.inc(1);
-            pb.set_message(format!(
-                "loss {:.4} acc {:.2}% {:.0} samples/s",
-                loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64,
-                seen as f64 / t0.elapsed().as_secs_f64()
-            ));
+    let set = a.settings(
+        epochs * steps_per_epoch,
+        steps_per_epoch,
+        0.0,
+        steps_per_epoch,
+    )?;
+    let meta = HashMap::from([
+        ("nerve.model".to_string(), a.model.name().to_string()),
+        ("nerve.data".to_string(), data_name.clone()),
+        ("nerve.config".to_string(), config.to_string()),
+        (
+            "nerve.sample_dims".to_string(),
+            dims.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        ("nerve.classes".to_string(), classes.to_string()),
+        ("nerve.mean".to_string(), mean.to_string()),
+        ("nerve.std".to_string(), std.to_string()),
+        ("nerve.seed".to_string(), a.seed.to_string()),
+        ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
+    ]);
+    let mut trainer = trainer::start(&a, &out, model, opt, set, &config, &meta)?;
+    a.say(&format!(
+        "training {} ({} parameters) on {} ({} train / {} validation samples of {:?}, {classes} classes) for {epochs} epochs ({} steps), {:?} lr {}, batch {}",
+        a.model.name(),
+        model.num_parameters(),
+        data_name,
+        splits.train.len(),
+        splits.val.len(),
+        dims,
+        epochs * steps_per_epoch,
+        a.optimizer,
+        a.lr,
+        batch_size
+    ));
+    let mut task = ClassifierTask {
+        model,
+        loader,
+        per_epoch,
+        accumulate: a.accumulate,
+        steps_per_epoch,
+        batches: None,
+        val: splits.val,
+        test: splits.test,
+        classes,
+        meta,
+    };
+    trainer.fit(&mut task)
+}
+
+/// Training a classifier: shuffled (and augmented) batches, epoch after epoch; validation
+/// loss and accuracy; test loss and accuracy at the end.
+struct ClassifierTask<'a> {
+    model: &'a dyn Module,
+    loader: DataLoader,
+    /// Batches per epoch.
+    per_epoch: usize,
+    accumulate: usize,
+    steps_per_epoch: usize,
+    /// The epoch being read, the index of its next batch, and its batches.
+    batches: Option<(usize, usize, nerve_data::Batches)>,
+    val: Dataset,
+    test: Option<Dataset>,
+    classes: usize,
+    meta: HashMap<String, String>,
+}
+
+impl trainer::Task for ClassifierTask<'_> {
+    fn micro_step(&mut self, step: usize, micro: usize, n: usize) -> Result<trainer::MicroBatch> {
+        let epoch = step / self.steps_per_epoch;
+        let b = (step % self.steps_per_epoch) * self.accumulate + micro;
+        if !matches!(&self.batches, Some((e, i, _)) if *e == epoch && *i == b) {
+            self.batches = Some((epoch, b, self.loader.epoch_from(epoch, b)));
         }
-        pb.finish_and_clear();
-        let secs = t0.elapsed().as_secs_f64();
-        let v = evaluate(model, &splits.val, classes, 500)?;
-        let (val_loss, val_acc) = (
-            v.loss / v.n.max(1) as f64,
-            v.correct as f64 / v.n.max(1) as f64,
-        );
-        best = f64::max(best, val_acc);
-        println!(
-            "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  val loss {:.4} acc {:6.2}%  lr {:.2e}  {:.0} samples/s  {secs:.1}s",
-            epoch + 1,
-            loss_sum / seen as f64,
-            100.0 * correct as f64 / seen as f64,
-            val_loss,
-            100.0 * val_acc,
-            opt.lr(),
-            seen as f64 / secs
-        );
-        metrics.push_str(&format!(
-            "{},{:.6},{:.6},{val_loss:.6},{val_acc:.6},{:.6e},{secs:.3}\n",
-            epoch + 1,
-            loss_sum / seen as f64,
-            correct as f64 / seen as f64,
-            opt.lr()
-        ));
-        let meta = HashMap::from([
-            ("nerve.model".to_string(), a.model.name().to_string()),
-            ("nerve.data".to_string(), data_name.clone()),
-            ("nerve.config".to_string(), config.to_string()),
-            (
-                "nerve.sample_dims".to_string(),
-                dims.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            ("nerve.classes".to_string(), classes.to_string()),
-            ("nerve.mean".to_string(), mean.to_string()),
-            ("nerve.std".to_string(), std.to_string()),
-            ("nerve.seed".to_string(), a.seed.to_string()),
-            ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
-            ("nerve.epoch".to_string(), (epoch + 1).to_string()),
-            ("nerve.val_accuracy".to_string(), val_acc.to_string()),
-            ("nerve.best_val_accuracy".to_string(), best.to_string()),
-        ]);
-        // Each file is replaced atomically after every epoch, the model last: an interruption
-        // in between leaves files of two epochs, which --resume detects by their epoch tags.
-        let ometa = HashMap::from([("nerve.epoch".to_string(), (epoch + 1).to_string())]);
-        save_optimizer(opt.as_ref(), &opt_file, &ometa)?;
-        write_atomic(&metrics_file, metrics.as_bytes())?;
-        save_model(model, &model_file, &meta)?;
+        let (_, next, batches) = self.batches.as_mut().expect("set above");
+        let (x, y) = batches
+            .next()
+            .with_context(|| format!("epoch {epoch} has no batch {b}"))??;
+        *next += 1;
+        let logits = self.model.forward(&x)?;
+        let l = loss::cross_entropy(&logits, &y, &Default::default())?;
+        if n > 1 {
+            l.div_scalar(n as f64)?.backward()?;
+        } else {
+            l.backward()?;
+        }
+        let count = y.numel();
+        Ok(trainer::MicroBatch {
+            loss: l.item::<f32>()? as f64,
+            samples: count,
+            correct: Some((loss::accuracy(&logits, &y)? * count as f64).round() as usize),
+        })
     }
-    if let Some(test) = &splits.test {
-        let t = evaluate(model, test, classes, 500)?;
-        println!(
-            "test loss {:.4} accuracy {:.2}% ({} samples)",
-            t.loss / t.n as f64,
-            100.0 * t.correct as f64 / t.n as f64,
-            t.n
+
+    fn micro_batches(&self, step: usize) -> usize {
+        let window = step % self.steps_per_epoch;
+        self.accumulate
+            .min(self.per_epoch - window * self.accumulate)
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        if self.val.is_empty() {
+            return Ok(Vec::new());
+        }
+        let v = evaluate(self.model, &self.val, self.classes, 500)?;
+        Ok(vec![
+            ("val_loss", v.loss / v.n.max(1) as f64),
+            ("val_accuracy", v.correct as f64 / v.n.max(1) as f64),
+        ])
+    }
+
+    fn epoch(&self, steps: usize) -> Option<f64> {
+        Some(steps as f64 / self.steps_per_epoch as f64)
+    }
+
+    fn test(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        let Some(test) = &self.test else {
+            return Ok(Vec::new());
+        };
+        let t = evaluate(self.model, test, self.classes, 500)?;
+        Ok(vec![
+            ("test_loss", t.loss / t.n.max(1) as f64),
+            ("test_accuracy", t.correct as f64 / t.n.max(1) as f64),
+        ])
+    }
+
+    fn meta(&self) -> HashMap<String, String> {
+        self.meta.clone()
+    }
+}
+
+/// The scores of the classifier checkpoint `file` on a split of `data` (default: the data
+/// set it was trained on), with the data set's name and the split's.
+fn score_classifier(
+    file: &Path,
+    meta: &HashMap<String, String>,
+    kind: ModelKind,
+    data: Option<&str>,
+    data_dir: Option<&Path>,
+    split: Split,
+    batch: usize,
+) -> Result<(Scores, String, &'static str)> {
+    let parse_f = |k: &str| -> Result<f64> {
+        meta_get(meta, k, file)?
+            .parse::<f64>()
+            .with_context(|| format!("{}: bad `{k}`", file.display()))
+    };
+    let dims: Vec<usize> = meta_get(meta, "nerve.sample_dims", file)?
+        .split(',')
+        .map(|d| d.parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("{}: bad nerve.sample_dims", file.display()))?;
+    let classes = parse_f("nerve.classes")? as usize;
+    let spec = data.map_or_else(
+        || meta_get(meta, "nerve.data", file).map(str::to_string),
+        |d| Ok(d.to_string()),
+    )?;
+    let splits = data::load(
+        &spec,
+        data_dir,
+        parse_f("nerve.val_fraction")?,
+        parse_f("nerve.seed")? as u64,
+    )?;
+    let (name, mut ds) = match (split, splits.test) {
+        (Split::Test, Some(t)) => ("test", t),
+        (Split::Test | Split::Val, _) => ("validation", splits.val),
+        (Split::Train, _) => ("train", splits.train),
+    };
+    if ds.sample_dims() != dims.as_slice() || ds.num_classes() > classes {
+        bail!(
+            "--data {spec}: samples {:?} with {} classes do not fit the checkpoint's {:?} with {classes}",
+            ds.sample_dims(),
+            ds.num_classes(),
+            dims
         );
     }
-    println!(
-        "best validation accuracy {:.2}%; checkpoint {}",
-        100.0 * best,
-        model_file.display()
-    );
-    Ok(())
+    ds.normalize(parse_f("nerve.mean")? as f32, parse_f("nerve.std")? as f32)?;
+    let config = stored_config(meta, file)?;
+    let (model, _) = models::build(kind, &dims, classes, Some(&config))?;
+    load_model(model.as_ref(), file)?;
+    let s = evaluate(model.as_ref(), &ds, classes, batch)?;
+    Ok((s, spec, name))
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
@@ -706,45 +935,15 @@ fn eval(a: EvalArgs) -> Result<()> {
             a.batch_size,
         );
     }
-    let parse_f = |k: &str| -> Result<f64> {
-        meta_get(&meta, k, &file)?
-            .parse::<f64>()
-            .with_context(|| format!("{}: bad `{k}`", file.display()))
-    };
-    let dims: Vec<usize> = meta_get(&meta, "nerve.sample_dims", &file)?
-        .split(',')
-        .map(|d| d.parse::<usize>())
-        .collect::<std::result::Result<_, _>>()
-        .with_context(|| format!("{}: bad nerve.sample_dims", file.display()))?;
-    let classes = parse_f("nerve.classes")? as usize;
-    let spec = a
-        .data
-        .clone()
-        .unwrap_or(meta_get(&meta, "nerve.data", &file)?.to_string());
-    let splits = data::load(
-        &spec,
+    let (s, spec, name) = score_classifier(
+        &file,
+        &meta,
+        kind,
+        a.data.as_deref(),
         a.data_dir.as_deref(),
-        parse_f("nerve.val_fraction")?,
-        parse_f("nerve.seed")? as u64,
+        a.split,
+        a.batch_size,
     )?;
-    let (name, mut ds) = match (a.split, splits.test) {
-        (Split::Test, Some(t)) => ("test", t),
-        (Split::Test | Split::Val, _) => ("validation", splits.val),
-        (Split::Train, _) => ("train", splits.train),
-    };
-    if ds.sample_dims() != dims.as_slice() || ds.num_classes() > classes {
-        bail!(
-            "--data {spec}: samples {:?} with {} classes do not fit the checkpoint's {:?} with {classes}",
-            ds.sample_dims(),
-            ds.num_classes(),
-            dims
-        );
-    }
-    ds.normalize(parse_f("nerve.mean")? as f32, parse_f("nerve.std")? as f32)?;
-    let config = stored_config(&meta, &file)?;
-    let (model, _) = models::build(kind, &dims, classes, Some(&config))?;
-    load_model(model.as_ref(), &file)?;
-    let s = evaluate(model.as_ref(), &ds, classes, a.batch_size)?;
     println!("{} on {spec} ({name}, {} samples)", file.display(), s.n);
     println!(
         "loss {:.4}  accuracy {:.2}%",

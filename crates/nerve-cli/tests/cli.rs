@@ -25,17 +25,23 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-fn best_accuracy(out: &str) -> f64 {
-    let line = out
+/// The best validation accuracy in a run folder's metrics.jsonl.
+fn best_accuracy(run: &Path) -> f64 {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
         .lines()
-        .find(|l| l.starts_with("best validation accuracy"))
-        .expect("summary line");
-    line.split_whitespace()
-        .nth(3)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["val_accuracy"].as_f64())
+        .fold(0.0, f64::max)
+}
+
+/// The evaluation records in a run folder's metrics.jsonl.
+fn evals(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
-        .trim_end_matches("%;")
-        .parse()
-        .unwrap()
+        .lines()
+        .filter(|l| l.contains(r#""kind":"eval""#))
+        .count()
 }
 
 /// `nerve train` with its defaults: the CNN on the embedded digits reaches ≥ 97% validation
@@ -47,12 +53,17 @@ fn default_train_then_eval() {
     let o = nerve(&["train", "--out", out_dir.to_str().unwrap(), "--no-progress"]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(best_accuracy(&t) >= 97.0, "{t}");
-    for f in ["model.safetensors", "optimizer.safetensors", "metrics.csv"] {
+    assert!(best_accuracy(&out_dir) >= 0.97, "{t}");
+    for f in [
+        "model.safetensors",
+        "best.safetensors",
+        "metrics.jsonl",
+        "config.json",
+        "loss.png",
+    ] {
         assert!(out_dir.join(f).is_file(), "{f} missing");
     }
-    let metrics = std::fs::read_to_string(out_dir.join("metrics.csv")).unwrap();
-    assert_eq!(metrics.lines().count(), 21, "{metrics}");
+    assert_eq!(evals(&out_dir), 20);
     let o = nerve(&["eval", out_dir.to_str().unwrap()]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
@@ -79,8 +90,6 @@ fn resume_continues_the_run() {
     assert!(o.status.success(), "{}", text(&o));
     let o = nerve(&[
         "train",
-        "--model",
-        "mlp",
         "--epochs",
         "4",
         "--resume",
@@ -90,11 +99,10 @@ fn resume_continues_the_run() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(
-        t.contains("resuming") && t.contains("epoch   3/4") && !t.contains("epoch   1/4"),
+        t.contains("from step 52 of 104") && t.contains("epoch 3.00") && !t.contains("epoch 1.00"),
         "{t}"
     );
-    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    assert_eq!(metrics.lines().count(), 5, "{metrics}");
+    assert_eq!(evals(&out), 4);
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -149,18 +157,29 @@ fn bad_input_gives_clear_errors() {
     );
     // A corrupt checkpoint, for eval and for resume; the file is left as it was.
     let run = dir.join("run");
-    std::fs::create_dir_all(&run).unwrap();
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
     std::fs::write(run.join("model.safetensors"), b"not a checkpoint").unwrap();
+    let bad_step = run.join("checkpoints/step-00000001.safetensors");
+    std::fs::write(&bad_step, b"not a checkpoint").unwrap();
+    std::fs::write(
+        run.join("config.json"),
+        r#"{"command": ["--model", "mlp"]}"#,
+    )
+    .unwrap();
     fails_naming(&["eval", &d("run")], &["model.safetensors"]);
     fails_naming(
-        &["train", "--resume", "--out", &d("run")],
-        &["model.safetensors"],
+        &["train", "--resume", &d("run")],
+        &[
+            "step-00000001.safetensors",
+            "no checkpoint of the run could be loaded",
+        ],
     );
-    assert_eq!(
-        std::fs::read(run.join("model.safetensors")).unwrap(),
-        b"not a checkpoint"
+    assert_eq!(std::fs::read(&bad_step).unwrap(), b"not a checkpoint");
+    fails_naming(
+        &["train", "--resume", &d("nowhere")],
+        &["--resume", "config.json"],
     );
-    // A checkpoint of another model: the mismatch names the tensors.
+    // A checkpoint of another model: refused, naming what differs.
     let o = nerve(&[
         "train",
         "--model",
@@ -173,8 +192,8 @@ fn bad_input_gives_clear_errors() {
     assert!(o.status.success(), "{}", text(&o));
     let before = std::fs::read(dir.join("mlp/model.safetensors")).unwrap();
     fails_naming(
-        &["train", "--model", "cnn", "--resume", "--out", &d("mlp")],
-        &["model.safetensors", "0.weight"],
+        &["train", "--model", "cnn", "--resume", &d("mlp")],
+        &["step-00000026.safetensors", "`nerve.model` is mlp", "cnn"],
     );
     assert_eq!(
         std::fs::read(dir.join("mlp/model.safetensors")).unwrap(),
