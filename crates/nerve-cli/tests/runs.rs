@@ -461,13 +461,21 @@ fn early_stopping_best_and_kept_checkpoints_plots_and_output_modes() {
     let o = nerve(&["report", s(&run)]);
     assert!(o.status.success(), "{}", text(&o));
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
-    for needle in ["# Run report: mlp", "![loss](loss.png)", "Confusion matrix", "best val"] {
+    for needle in [
+        "# Run report: mlp",
+        "![loss](loss.png)",
+        "Confusion matrix",
+        "best val",
+    ] {
         assert!(md.contains(needle), "`{needle}` not in report.md:\n{md}");
     }
     let o = nerve(&["report", s(&run), "--format", "html"]);
     assert!(o.status.success(), "{}", text(&o));
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
-    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("<img"), "{html}");
+    assert!(
+        html.starts_with("<!DOCTYPE html>") && html.contains("<img"),
+        "{html}"
+    );
 
     // --quiet: only the result lines; a fresh run replaces the old one's files.
     let o = nerve(&[
@@ -487,5 +495,36 @@ fn early_stopping_best_and_kept_checkpoints_plots_and_output_modes() {
         records(&run).iter().filter(|r| r["kind"] == "eval").count(),
         1
     );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn results_are_the_same_bits_on_one_thread_or_two() {
+    let dir = tmp("threads");
+    // Convolutions (weight gradients summed over runs of samples), LayerNorm (over rows),
+    // attention and GEMMs.
+    for model in ["cnn", "vit"] {
+        let runs: Vec<PathBuf> = ["1", "2"]
+            .iter()
+            .map(|t| {
+                let run = dir.join(format!("{model}-{t}"));
+                let o = nerve(&[
+                    "--threads",
+                    t,
+                    "train",
+                    "--model",
+                    model,
+                    "--epochs",
+                    "1",
+                    "--out",
+                    s(&run),
+                    "--quiet",
+                ]);
+                assert!(o.status.success(), "{}", text(&o));
+                run
+            })
+            .collect();
+        assert_same_state(&runs[0], &runs[1]);
+    }
     std::fs::remove_dir_all(dir).ok();
 }

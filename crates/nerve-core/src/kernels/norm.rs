@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::reduce::{dev_sum, dot, sq_dev_sum, sum_dot_centered};
 use super::{assume_init, uninit_buf, with_simd};
 use crate::dtype::Float;
-use crate::threading::{chunk_len, install, num_threads, par_elemwise_min};
+use crate::threading::{install, par_elemwise_min};
 
 /// Contiguous data `[n, c, s]` whose channels are split into `groups` groups of consecutive
 /// channels.
@@ -57,11 +57,18 @@ fn par_min() -> usize {
     (par_elemwise_min() / 4).max(1)
 }
 
+/// Tasks a large normalisation is split into (whatever the thread count).
+const TASKS: usize = 8;
+
 /// How many of `items` items of `len` elements each one task takes; `items` itself when the
-/// work is too small to split.
+/// work is too small to split. The split does not depend on the thread count, so the sums
+/// over tasks (weight and bias gradients, batch statistics) come out the same bits on one
+/// thread or many.
 fn items_per_task(items: usize, len: usize) -> usize {
-    if items > 1 && items * len >= par_min() && num_threads() > 1 {
-        chunk_len(items, (par_min() / 2 / len.max(1)).max(1))
+    if items > 1 && items * len >= par_min() {
+        items
+            .div_ceil(TASKS)
+            .max((par_min() / 2 / len.max(1)).max(1))
     } else {
         items.max(1)
     }

@@ -151,21 +151,35 @@ fn valid_range(out: usize, len: usize, s: usize, kd: usize, p: usize) -> (usize,
     (lo.min(hi), hi)
 }
 
+/// Runs a batch is split into when `for_batch` must not depend on the thread count.
+const FIXED_RUNS: usize = 8;
+
 /// Split `buf` (the per-sample blocks of `n` samples, possibly empty) into runs of whole
-/// samples and call `f(samples, block, parallel_gemm)` on each. With a sample for every thread
-/// the runs go to the workers (GEMMs serial); otherwise one run with parallel GEMMs.
+/// samples and call `f(samples, block, parallel_gemm)` on each; the results in run order.
+/// With a sample for every thread the runs go to the workers (GEMMs serial); otherwise one
+/// run with parallel GEMMs. With `fixed`, the runs are the same whatever the thread count
+/// (`n.min(8)` of them), so that sums over the runs' results (the weight gradient) come out
+/// the same bits on one thread or many.
 fn for_batch<T: Send, R: Send>(
     n: usize,
     buf: &mut [T],
+    fixed: bool,
     f: impl Fn(Range<usize>, &mut [T], bool) -> R + Sync,
 ) -> Vec<R> {
     let threads = num_threads();
-    if threads <= 1 || n < threads {
+    let runs = if fixed {
+        n.min(FIXED_RUNS)
+    } else if threads <= 1 || n < threads {
+        1
+    } else {
+        threads
+    };
+    if runs <= 1 {
         return vec![install(|| f(0..n, buf, true))];
     }
     let per = buf.len() / n;
-    let size = n.div_ceil(threads);
-    let mut parts: Vec<(Range<usize>, &mut [T])> = Vec::with_capacity(threads);
+    let size = n.div_ceil(runs);
+    let mut parts: Vec<(Range<usize>, &mut [T])> = Vec::with_capacity(runs);
     let mut rest = buf;
     let mut start = 0;
     while start < n {
@@ -175,7 +189,13 @@ fn for_batch<T: Send, R: Send>(
         rest = b;
         start = end;
     }
-    install(|| parts.into_par_iter().map(|(r, b)| f(r, b, false)).collect())
+    let parallel_gemms = threads > parts.len();
+    install(|| {
+        parts
+            .into_par_iter()
+            .map(|(r, b)| f(r, b, parallel_gemms))
+            .collect()
+    })
 }
 
 /// Call `f(plane, block)` on the `per`-sized blocks of `out`, in parallel when `work` (a rough
@@ -477,7 +497,7 @@ fn conv_forward<T: ConvFloat>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) ->
     let (cg, og, kdim, hw, sp) = (g.cg(), g.og(), g.kdim(), g.hw(), g.sp());
     let (xlen, ylen) = (g.c * hw, g.o * sp);
     let mut out = vec![T::ZERO; g.n * ylen];
-    for_batch(g.n, &mut out, |samples, block, parallel| {
+    for_batch(g.n, &mut out, false, |samples, block, parallel| {
         let per = samples_per_gemm(g, samples.len());
         with_scratch::<T, _>(kdim * per * sp, |col| {
             with_scratch::<T, _>(og * per * sp, |prod| {
@@ -550,7 +570,7 @@ fn conv_backward<T: ConvFloat>(
     let (cg, og, kdim, hw, sp) = (g.cg(), g.og(), g.kdim(), g.hw(), g.sp());
     let (xlen, ylen) = (g.c * hw, g.o * sp);
     let mut dx = vec![T::ZERO; if need_dx { g.n * xlen } else { 0 }];
-    let partials = for_batch(g.n, &mut dx, |samples, block, parallel| {
+    let partials = for_batch(g.n, &mut dx, x.is_some(), |samples, block, parallel| {
         let per = samples_per_gemm(g, samples.len());
         let mut dw = x.map(|_| vec![T::ZERO; g.o * kdim]);
         with_scratch::<T, _>(kdim * per * sp, |col| {
