@@ -51,9 +51,12 @@ fn mean_loss(
     starts: &[usize],
     seq: usize,
     batch: usize,
+    progress: bool,
 ) -> Result<f64> {
     let net: &dyn Module = model;
     net.eval();
+    let chunks = starts.len().div_ceil(batch.max(1));
+    let pb = crate::progress_bar(progress, chunks, "eval".into());
     let sum = CrossEntropyOptions {
         reduction: Reduction::Sum,
         ..Default::default()
@@ -71,7 +74,9 @@ fn mean_loss(
             )?;
             Ok(l.item::<f32>()? as f64)
         })?;
+        pb.inc(1);
     }
+    pb.finish_and_clear();
     net.train();
     Ok(total / (starts.len() * seq).max(1) as f64)
 }
@@ -209,6 +214,7 @@ impl Task for LmTask<'_> {
             &self.val_starts,
             self.seq,
             self.batch,
+            false,
         )?;
         Ok(vec![("val_loss", l)])
     }
@@ -274,7 +280,14 @@ pub fn eval(
     let n = (splits.val.len() - 1) / seq;
     let starts: Vec<usize> = (0..n).map(|i| i * seq).collect();
     let t0 = Instant::now();
-    let l = mean_loss(model.as_ref(), &splits.val, &starts, seq, batch.min(64))?;
+    let l = mean_loss(
+        model.as_ref(),
+        &splits.val,
+        &starts,
+        seq,
+        batch.min(64),
+        true,
+    )?;
     println!(
         "{} on {spec} (held-out {} characters, {n} windows of {seq}): loss {l:.4} nats/char ({:.3} bits/char), {:.1}s",
         file.display(),

@@ -584,7 +584,14 @@ pub(crate) struct Scores {
 }
 
 /// `classes` is the model's output count (the confusion matrix's size).
-fn evaluate(model: &dyn Module, ds: &Dataset, classes: usize, batch: usize) -> Result<Scores> {
+/// `progress`: a progress bar over the batches (on a terminal).
+fn evaluate(
+    model: &dyn Module,
+    ds: &Dataset,
+    classes: usize,
+    batch: usize,
+    progress: bool,
+) -> Result<Scores> {
     model.eval();
     let k = classes.max(ds.num_classes());
     let mut s = Scores {
@@ -597,8 +604,11 @@ fn evaluate(model: &dyn Module, ds: &Dataset, classes: usize, batch: usize) -> R
         reduction: Reduction::Sum,
         ..Default::default()
     };
-    for b in DataLoader::new(ds.clone(), batch).prefetch(false).epoch(0) {
+    let loader = DataLoader::new(ds.clone(), batch).prefetch(false);
+    let pb = progress_bar(progress, loader.num_batches(), "eval".into());
+    for b in loader.epoch(0) {
         let (x, y) = b?;
+        pb.inc(1);
         let logits = no_grad(|| model.forward(&x))?;
         s.loss += no_grad(|| loss::cross_entropy(&logits, &y, &sum))?.item::<f32>()? as f64;
         let pred: Vec<i64> = logits.argmax(-1, false)?.to_vec()?;
@@ -608,6 +618,7 @@ fn evaluate(model: &dyn Module, ds: &Dataset, classes: usize, batch: usize) -> R
         }
         s.n += pred.len();
     }
+    pb.finish_and_clear();
     Ok(s)
 }
 
@@ -835,7 +846,7 @@ impl trainer::Task for ClassifierTask<'_> {
         if self.val.is_empty() {
             return Ok(Vec::new());
         }
-        let v = evaluate(self.model, &self.val, self.classes, 500)?;
+        let v = evaluate(self.model, &self.val, self.classes, 500, false)?;
         Ok(vec![
             ("val_loss", v.loss / v.n.max(1) as f64),
             ("val_accuracy", v.correct as f64 / v.n.max(1) as f64),
@@ -850,7 +861,7 @@ impl trainer::Task for ClassifierTask<'_> {
         let Some(test) = &self.test else {
             return Ok(Vec::new());
         };
-        let t = evaluate(self.model, test, self.classes, 500)?;
+        let t = evaluate(self.model, test, self.classes, 500, false)?;
         Ok(vec![
             ("test_loss", t.loss / t.n.max(1) as f64),
             ("test_accuracy", t.correct as f64 / t.n.max(1) as f64),
@@ -911,7 +922,7 @@ fn score_classifier(
     let config = stored_config(meta, file)?;
     let (model, _) = models::build(kind, &dims, classes, Some(&config))?;
     load_model(model.as_ref(), file)?;
-    let s = evaluate(model.as_ref(), &ds, classes, batch)?;
+    let s = evaluate(model.as_ref(), &ds, classes, batch, true)?;
     Ok((s, spec, name))
 }
 

@@ -39,6 +39,24 @@ impl Default for CsvOptions {
 pub fn load_csv(path: impl AsRef<Path>, opts: &CsvOptions) -> Result<Dataset> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    csv_from_bytes(bytes, path, opts)
+}
+
+/// [`load_csv`] of a file held in memory (plain or gzip-compressed); `path` names it in
+/// errors.
+///
+/// ```
+/// use nerve_data::csv::{csv_from_bytes, CsvOptions};
+/// let ds = csv_from_bytes(b"x,y,label\n0.5,1,0\n2,3,1\n".to_vec(), "inline.csv", &CsvOptions::default())?;
+/// assert_eq!((ds.len(), ds.sample_dims(), ds.num_classes()), (2, &[2][..], 2));
+/// # Ok::<(), nerve_data::DataError>(())
+/// ```
+pub fn csv_from_bytes(
+    bytes: Vec<u8>,
+    path: impl AsRef<Path>,
+    opts: &CsvOptions,
+) -> Result<Dataset> {
+    let path = path.as_ref();
     let table = parse_csv(decode_maybe_gz(bytes, path)?, path, opts)?;
     let num_classes = match opts.num_classes {
         Some(k) => k,

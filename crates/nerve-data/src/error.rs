@@ -80,12 +80,6 @@ impl DataError {
     }
 }
 
-/// Read a whole file, decompressing it if it starts with the gzip magic bytes `1f 8b`.
-pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    decode_maybe_gz(bytes, path)
-}
-
 /// Decompress `bytes` if they start with the gzip magic bytes; `path` names them in errors.
 pub(crate) fn decode_maybe_gz(bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;

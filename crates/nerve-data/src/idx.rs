@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::error::{read_maybe_gz, DataError, Result};
+use crate::error::{DataError, Result};
 
 /// The contents of an IDX file of unsigned bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,10 +23,66 @@ pub struct IdxArray {
 /// length that differs from the product of the dimensions (truncation or trailing bytes).
 pub fn read_idx(path: impl AsRef<Path>) -> Result<IdxArray> {
     let path = path.as_ref();
-    parse_idx(&read_maybe_gz(path)?, path)
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    IdxArray::from_bytes(&bytes, path)
 }
 
-fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray> {
+impl IdxArray {
+    /// Parse an IDX file held in memory, plain or gzip-compressed (detected by the magic
+    /// bytes), as [`read_idx`] does; `path` names it in errors.
+    ///
+    /// A compressed file is decompressed into memory only as far as its header says the data
+    /// goes (the rest is counted, not kept), so a small file cannot make the reader allocate
+    /// more than its dimensions declare.
+    ///
+    /// ```
+    /// use nerve_data::IdxArray;
+    /// // Two 2-byte rows: magic 00 00 08, 2 dimensions, then [2, 2] and the data.
+    /// let bytes = [0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3, 4];
+    /// let a = IdxArray::from_bytes(&bytes, "inline.idx")?;
+    /// assert_eq!((a.dims, a.data), (vec![2, 2], vec![1, 2, 3, 4]));
+    /// # Ok::<(), nerve_data::DataError>(())
+    /// ```
+    pub fn from_bytes(bytes: &[u8], path: impl AsRef<Path>) -> Result<IdxArray> {
+        let path = path.as_ref();
+        if is_gzip(bytes) {
+            let (head, unread) = gunzip_idx(bytes, path)?;
+            parse_idx(&head, unread, path)
+        } else {
+            parse_idx(bytes, 0, path)
+        }
+    }
+}
+
+/// Decompress a gzip-compressed IDX file: the header, then at most the data it declares.
+/// Returns those bytes and the count of decompressed bytes past them (read to the end, so
+/// the gzip checksum is still verified, but not kept).
+fn gunzip_idx(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, u64)> {
+    use std::io::Read;
+    let io = |e| DataError::io(path, e);
+    let mut gz = flate2::read::GzDecoder::new(bytes);
+    let mut out = Vec::new();
+    (&mut gz).take(4).read_to_end(&mut out).map_err(io)?;
+    if out.len() == 4 {
+        let ndim = u64::from(out[3]);
+        (&mut gz).take(4 * ndim).read_to_end(&mut out).map_err(io)?;
+    }
+    // A bad or incomplete header reads no further: `parse_idx` reports it.
+    if let Ok((header, expected)) = parse_header(&out, path) {
+        debug_assert_eq!(header, out.len());
+        let want = u64::try_from(expected).unwrap_or(u64::MAX);
+        (&mut gz).take(want).read_to_end(&mut out).map_err(io)?;
+    }
+    let unread = std::io::copy(&mut gz, &mut std::io::sink()).map_err(io)?;
+    Ok((out, unread))
+}
+
+fn is_gzip(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x1f, 0x8b])
+}
+
+/// Check the header of an IDX file: its length in bytes and the data length it declares.
+fn parse_header(bytes: &[u8], path: &Path) -> Result<(usize, usize)> {
     let err = |msg: String| DataError::format(path, msg);
     if bytes.len() < 4 {
         return Err(err(format!(
@@ -57,24 +113,39 @@ fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray> {
             bytes.len()
         )));
     }
-    let dims: Vec<usize> = bytes[4..header]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
-    let expected = dims
-        .iter()
+    let dims = dims_of(&bytes[4..header]);
+    // Zero dimensions are skipped: a tensor of shape [0, 2^32 - 1, 2^32 - 1] holds no data,
+    // but its shape (and strides) would still overflow `usize` wherever it is used.
+    dims.iter()
+        .filter(|&&d| d != 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| err(format!("IDX dimensions {dims:?} overflow")))?;
-    let actual = bytes.len() - header;
-    if actual != expected {
-        let what = if actual < expected {
+    let expected = dims.iter().product();
+    Ok((header, expected))
+}
+
+fn dims_of(header_dims: &[u8]) -> Vec<usize> {
+    header_dims
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect()
+}
+
+/// Parse a whole IDX file; `unread` more data bytes followed `bytes` (in a gzip stream).
+fn parse_idx(bytes: &[u8], unread: u64, path: &Path) -> Result<IdxArray> {
+    let (header, expected) = parse_header(bytes, path)?;
+    let dims = dims_of(&bytes[4..header]);
+    let actual = (bytes.len() - header) as u64 + unread;
+    if actual != expected as u64 {
+        let what = if actual < expected as u64 {
             "truncated"
         } else {
             "trailing bytes"
         };
-        return Err(err(format!(
-            "{what}: dimensions {dims:?} need {expected} data bytes, found {actual}"
-        )));
+        return Err(DataError::format(
+            path,
+            format!("{what}: dimensions {dims:?} need {expected} data bytes, found {actual}"),
+        ));
     }
     Ok(IdxArray {
         dims,

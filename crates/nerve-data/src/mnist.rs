@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::error::{DataError, Result};
-use crate::idx::read_idx;
+use crate::idx::{read_idx, IdxArray};
 use crate::Dataset;
 
 /// Load the MNIST (or Fashion-MNIST) training (`train = true`) or test split from `dir`.
@@ -30,8 +30,24 @@ pub fn load_idx_pair(
     num_classes: usize,
 ) -> Result<Dataset> {
     let (images, labels) = (images.as_ref(), labels.as_ref());
-    let img = read_idx(images)?;
-    let lab = read_idx(labels)?;
+    idx_pair_dataset(
+        read_idx(images)?,
+        images,
+        read_idx(labels)?,
+        labels,
+        num_classes,
+    )
+}
+
+/// The [`Dataset`] of [`load_idx_pair`] from IDX arrays already read (see
+/// [`IdxArray::from_bytes`]); `images` and `labels` name their files in errors.
+pub fn idx_pair_dataset(
+    img: IdxArray,
+    images: &Path,
+    lab: IdxArray,
+    labels: &Path,
+    num_classes: usize,
+) -> Result<Dataset> {
     if img.dims.len() < 2 {
         return Err(DataError::format(
             images,

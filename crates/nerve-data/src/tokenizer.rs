@@ -104,8 +104,28 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| DataError::format(path, format!("not a tokenizer.json: {e}")))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// [`Tokenizer::from_file`] of a `tokenizer.json` held in memory; `source` names it in
+    /// errors.
+    pub fn from_bytes(bytes: &[u8], source: impl AsRef<Path>) -> Result<Self> {
+        let path = source.as_ref();
+        let bad = |msg: String| DataError::format(path, format!("not a tokenizer.json: {msg}"));
+        // The `tokenizers` crate panics (`expect("Helper")`) on some malformed JSON inside a
+        // component, so the syntax is checked here first; a panic on well-formed JSON (its
+        // `Precompiled` normaliser `expect`s its fields) is caught and reported as an error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| bad(e.to_string()))?;
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a component it cannot read".into());
+                bad(format!("the tokenizers library failed on it ({what})"))
+            })?
+            .map_err(|e| bad(e.to_string()))?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         Ok(Self {
             bos: find(&["<s>", "[CLS]", "<|begin_of_text|>"]),
@@ -303,17 +323,79 @@ impl Tokenizer {
                 ))
             },
         );
+        // The template comes from the model file: bound the work and the output, so a
+        // hostile one (loops nested over `range(99999)`) fails instead of hanging.
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         env.add_template("chat", src).map_err(bad)?;
         let token = |id: Option<u32>| id.and_then(|i| self.id_to_token(i)).unwrap_or_default();
-        env.get_template("chat")
-            .map_err(bad)?
-            .render(minijinja::context! {
+        let mut out = CappedWriter::new(MAX_CHAT_BYTES);
+        let rendered = env.get_template("chat").map_err(bad)?.render_captured_to(
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => token(self.bos),
                 eos_token => token(self.eos),
-            })
-            .map_err(bad)
+            },
+            &mut out,
+        );
+        if out.overflowed {
+            return Err(DataError::format(
+                &self.source,
+                format!("chat template: the output is longer than {MAX_CHAT_BYTES} bytes"),
+            ));
+        }
+        match rendered {
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(DataError::format(
+                &self.source,
+                format!(
+                    "chat template: stopped after {CHAT_TEMPLATE_FUEL} steps (a loop that \
+                     does not end, or far more work than a chat needs)"
+                ),
+            )),
+            Err(e) => Err(bad(e)),
+            Ok(_) => String::from_utf8(out.buf).map_err(|_| {
+                DataError::format(&self.source, "chat template: the output is not UTF-8")
+            }),
+        }
+    }
+}
+
+/// Steps (minijinja's "fuel": roughly one per instruction) a chat template may take. Real
+/// templates take a few dozen per message.
+const CHAT_TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// The longest rendered chat, in bytes.
+const MAX_CHAT_BYTES: usize = 64 << 20;
+
+/// A `Vec` that refuses to grow past `max` bytes.
+struct CappedWriter {
+    buf: Vec<u8>,
+    max: usize,
+    overflowed: bool,
+}
+
+impl CappedWriter {
+    fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+            overflowed: false,
+        }
+    }
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if b.len() > self.max - self.buf.len() {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output too long"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -1490,10 +1490,14 @@ fn tensor_info(r: &mut Reader, name: String) -> Result<(TensorInfo, u64), String
     {
         return Err(ctx(format!("dimension {d} is too large")));
     }
+    // Zero dimensions aside: `[0, 2^40, 2^40]` holds no data, but its shape would still
+    // overflow every product and stride taken of it.
+    if !crate::shape::shape_fits(ne.iter().copied()) {
+        return Err(ctx(format!("dimensions {ne:?} overflow the element count")));
+    }
     let numel = ne
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-        .filter(|&n| n <= i64::MAX as u64)
         .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| ctx(format!("dimensions {ne:?} overflow the element count")))?;
     let row = ne.first().copied().unwrap_or(1);

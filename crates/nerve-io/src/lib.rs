@@ -11,6 +11,7 @@ pub mod error;
 pub mod gguf;
 pub mod pickle;
 pub mod safetensors;
+mod shape;
 pub mod torch;
 
 pub use error::FormatError;

@@ -22,8 +22,15 @@ fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
 }
 
 /// A tensor from its safetensors dtype, shape and little-endian bytes: floating dtypes keep
-/// theirs (f32, f64, f16, bf16), integer ones become i64, bool stays bool.
+/// theirs (f32, f64, f16, bf16), integer ones become i64, bool stays bool. A shape whose
+/// non-zero dimensions multiply past `i64::MAX`, or that disagrees with the bytes, is an
+/// error.
 pub fn tensor_from_bytes(dtype: Dtype, shape: &[usize], b: &[u8]) -> Result<Tensor, String> {
+    // The safetensors crate checks the element count against the data, but a zero dimension
+    // passes that check whatever the others are, and [0, 2^32, 2^32] overflows its strides.
+    if !crate::shape::shape_fits(shape.iter().map(|&d| d as u64)) {
+        return Err(format!("shape {shape:?} overflows the element count"));
+    }
     let ints = |v: Vec<i64>| Tensor::from_vec(v, shape);
     let t = match dtype {
         Dtype::F32 => Tensor::from_vec(

@@ -626,6 +626,9 @@ fn materialize(
     let esize = st.element_size() as u64;
     let (base, avail) = (spec.storage.base(), spec.storage.len());
     let overflow = || format!("size {:?} overflows", spec.size);
+    if !crate::shape::shape_fits(spec.size.iter().copied()) {
+        return Err(overflow().into());
+    }
     let numel = spec
         .size
         .iter()

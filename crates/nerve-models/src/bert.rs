@@ -102,6 +102,28 @@ impl Activation {
 }
 
 impl BertConfig {
+    /// Parse and [validate](BertConfig::validate) a Hugging Face `config.json` held in
+    /// memory; `path` names it in errors.
+    ///
+    /// ```
+    /// use nerve_models::BertConfig;
+    /// let c = BertConfig::from_json(br#"{"hidden_size": 384, "num_attention_heads": 12}"#, "config.json")?;
+    /// assert_eq!(c.head_dim(), 32);
+    /// # Ok::<(), nerve_io::FormatError>(())
+    /// ```
+    pub fn from_json(
+        bytes: &[u8],
+        path: impl AsRef<Path>,
+    ) -> std::result::Result<BertConfig, FormatError> {
+        let path = path.as_ref();
+        let config: BertConfig =
+            serde_json::from_slice(bytes).map_err(|e| FormatError::invalid(path, e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| FormatError::invalid(path, e.to_string()))?;
+        Ok(config)
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads.max(1)
@@ -839,10 +861,11 @@ pub fn load_sentence_encoder(
 ) -> std::result::Result<(Bert, Tokenizer), FormatError> {
     let dir = dir.as_ref();
     let config_path = dir.join("config.json");
-    let config: BertConfig = read_json(&config_path)?;
-    config
-        .validate()
-        .map_err(|e| FormatError::invalid(&config_path, e.to_string()))?;
+    let bytes = std::fs::read(&config_path).map_err(|source| FormatError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let config = BertConfig::from_json(&bytes, &config_path)?;
 
     let pooling_path = dir.join("1_Pooling").join("config.json");
     if pooling_path.exists() {

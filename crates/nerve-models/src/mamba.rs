@@ -84,7 +84,8 @@ impl MambaConfig {
             .with_dt_rank(self.dt_rank)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Refuse zero sizes and a bad epsilon, naming the fields ([`MambaLm::new`] calls it).
+    pub fn validate(&self) -> Result<()> {
         let zero: Vec<&str> = [
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
@@ -103,6 +104,16 @@ impl MambaConfig {
             return Err(Error::invalid(
                 "MambaConfig",
                 format!("{} must be at least 1", zero.join(", ")),
+            ));
+        }
+        let m = self.pad_vocab_size_multiple;
+        if self.vocab_size.div_ceil(m).checked_mul(m).is_none() {
+            return Err(Error::invalid(
+                "MambaConfig",
+                format!(
+                    "vocab_size ({}) rounded up to pad_vocab_size_multiple ({m}) overflows",
+                    self.vocab_size
+                ),
             ));
         }
         if self.norm_epsilon.is_nan() || self.norm_epsilon < 0.0 {
@@ -298,5 +309,34 @@ impl LanguageModel for MambaLm {
         top_k: usize,
     ) -> Result<Vec<i64>> {
         MambaLm::generate(self, prompt, n, temperature, top_k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Found by the audit (the input crashed the config_json fuzz target):
+    // `padded_vocab_size` of a config read from a file overflowed (a panic) after `validate`
+    // had accepted it.
+    #[test]
+    fn a_vocabulary_whose_padding_overflows_is_refused() {
+        let c = MambaConfig {
+            vocab_size: usize::MAX,
+            pad_vocab_size_multiple: 8,
+            ..MambaConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("vocab_size") && e.contains("pad_vocab_size_multiple"),
+            "{e}"
+        );
+        let ok = MambaConfig {
+            vocab_size: 65,
+            pad_vocab_size_multiple: 8,
+            ..MambaConfig::default()
+        };
+        ok.validate().unwrap();
+        assert_eq!(ok.padded_vocab_size(), 72);
     }
 }

@@ -101,8 +101,15 @@ impl UNetConfig {
         if self.num_res_blocks == 0 || self.time_embed_dim == 0 {
             return bad("num_res_blocks and time_embed_dim must be at least 1".into());
         }
-        let scale = 1usize << (self.channel_mult.len() - 1);
-        if !self.sample_size.is_multiple_of(scale) {
+        // Each level halves the image: more levels than a usize has bits cannot divide it.
+        let scale = u32::try_from(self.channel_mult.len() - 1)
+            .ok()
+            .and_then(|levels| 1usize.checked_shl(levels));
+        if !scale.is_some_and(|scale| self.sample_size.is_multiple_of(scale)) {
+            let scale = match scale {
+                Some(s) => s.to_string(),
+                None => "more than usize::MAX".into(),
+            };
             return bad(format!(
                 "sample_size ({}) must be divisible by 2^(levels - 1) = {scale} for the {} \
                  levels of channel_mult",
@@ -111,7 +118,12 @@ impl UNetConfig {
             ));
         }
         for &m in &self.channel_mult {
-            let c = self.base_channels * m;
+            let Some(c) = self.base_channels.checked_mul(m) else {
+                return bad(format!(
+                    "base_channels ({}) × channel_mult entry {m} overflows",
+                    self.base_channels
+                ));
+            };
             if self.norm_groups == 0 || !c.is_multiple_of(self.norm_groups) {
                 return bad(format!(
                     "norm_groups ({}) must divide every level's channels: base_channels ({}) \
@@ -736,6 +748,30 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    // Found by the audit (the input crashed the config_json fuzz target): a config from a
+    // file (`--config`, a checkpoint's `nerve.config`) with sizes whose products overflow
+    // panicked in `validate`.
+    #[test]
+    fn sizes_that_overflow_are_refused_not_a_panic() {
+        let too_many_levels = UNetConfig {
+            channel_mult: vec![1; 70],
+            ..Default::default()
+        };
+        let e = too_many_levels.validate().unwrap_err().to_string();
+        assert!(e.contains("sample_size") && e.contains("70"), "{e}");
+        let too_wide = UNetConfig {
+            base_channels: usize::MAX,
+            channel_mult: vec![1, 2],
+            norm_groups: 1,
+            ..Default::default()
+        };
+        let e = too_wide.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("base_channels") && e.contains("overflows"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -349,17 +349,21 @@ pub fn save(
 /// Read `dir/adapter_config.json`.
 pub fn read_config(dir: impl AsRef<Path>) -> std::result::Result<LoraConfig, LoraError> {
     let path = dir.as_ref().join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|source| {
+    let bytes = std::fs::read(&path).map_err(|source| {
         LoraError::Checkpoint(CheckpointError::Io {
             path: path.clone(),
             source,
         })
     })?;
+    parse_config(&bytes, &path)
+}
+
+/// Parse and [validate](LoraConfig::validate) an `adapter_config.json` held in memory, as
+/// [`read_config`] does; `path` names it in errors.
+pub fn parse_config(bytes: &[u8], path: &Path) -> std::result::Result<LoraConfig, LoraError> {
     let config: LoraConfig =
-        serde_json::from_str(&text).map_err(|e| config_error(Some(&path), e.to_string()))?;
-    config
-        .validate()
-        .map_err(|m| config_error(Some(&path), m))?;
+        serde_json::from_slice(bytes).map_err(|e| config_error(Some(path), e.to_string()))?;
+    config.validate().map_err(|m| config_error(Some(path), m))?;
     Ok(config)
 }
 
