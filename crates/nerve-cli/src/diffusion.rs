@@ -153,11 +153,7 @@ impl Task for DdpmTask<'_> {
             LABEL_DROPOUT,
             &mut gen,
         )?;
-        if n > 1 {
-            l.div_scalar(n as f64)?.backward()?;
-        } else {
-            l.backward()?;
-        }
+        trainer::backward_mean(&l, n)?;
         Ok(MicroBatch {
             loss: l.item::<f32>()? as f64,
             samples: y.numel(),

@@ -191,11 +191,7 @@ impl Task for LmTask<'_> {
             &y.reshape(&[-1])?,
             &CrossEntropyOptions::default(),
         )?;
-        if n > 1 {
-            l.div_scalar(n as f64)?.backward()?;
-        } else {
-            l.backward()?;
-        }
+        trainer::backward_mean(&l, n)?;
         Ok(MicroBatch {
             loss: l.item::<f32>()? as f64,
             samples: self.batch * self.seq,

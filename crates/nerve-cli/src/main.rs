@@ -823,11 +823,7 @@ impl trainer::Task for ClassifierTask<'_> {
         *next += 1;
         let logits = self.model.forward(&x)?;
         let l = loss::cross_entropy(&logits, &y, &Default::default())?;
-        if n > 1 {
-            l.div_scalar(n as f64)?.backward()?;
-        } else {
-            l.backward()?;
-        }
+        trainer::backward_mean(&l, n)?;
         let count = y.numel();
         Ok(trainer::MicroBatch {
             loss: l.item::<f32>()? as f64,

@@ -79,6 +79,17 @@ pub trait Task {
     }
 }
 
+/// Backward of the loss of one of `n` micro-batches of a step (divided by `n`, so the step's
+/// gradients are the mean over its micro-batches).
+pub fn backward_mean(loss: &Tensor, n: usize) -> Result<()> {
+    if n > 1 {
+        loss.div_scalar(n as f64)?.backward()?;
+    } else {
+        loss.backward()?;
+    }
+    Ok(())
+}
+
 /// How much `nerve train` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verbosity {
