@@ -79,6 +79,21 @@ impl CharRnn {
                 format!("dropout ({}) must be in [0, 1)", c.dropout),
             ));
         }
+        let gates = match c.cell {
+            CharRnnCell::Lstm => 4,
+            CharRnnCell::Gru => 3,
+        };
+        let params = crate::parameters_at_least(&[
+            &[c.vocab_size, c.embedding],
+            &[gates, c.hidden, c.embedding],
+            &[c.layers, gates, c.hidden, c.hidden],
+            &[c.hidden, c.vocab_size],
+        ]);
+        crate::check_size(
+            "CharRnnConfig",
+            params,
+            "vocab_size, embedding, hidden and layers",
+        )?;
         let kind = match c.cell {
             CharRnnCell::Lstm => RnnKind::Lstm,
             CharRnnCell::Gru => RnnKind::Gru,
@@ -129,12 +144,13 @@ impl LanguageModel for CharRnn {
     }
 
     /// The recurrent state is the cache: each new token costs one step.
-    fn generate(
+    fn generate_with(
         &self,
         prompt: &[i64],
         n: usize,
         temperature: f64,
         top_k: usize,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
     ) -> Result<Vec<i64>> {
         check_prompt(prompt, self.config.vocab_size)?;
         nerve_core::no_grad(|| {
@@ -146,6 +162,7 @@ impl LanguageModel for CharRnn {
                 state = Some(s);
                 let tok = pick(&last_logits(&logits)?, temperature, top_k);
                 out.push(tok);
+                on_token(tok)?;
                 next_in = Tensor::from_vec(vec![tok], [1, 1])?;
             }
             Ok(out)

@@ -21,6 +21,9 @@ pub fn cnn(sample_dims: &[usize], classes: usize) -> Result<Sequential> {
             format!("needs images of at least 4x4, got {h}x{w}"),
         ));
     }
+    let params =
+        crate::parameters_at_least(&[&[64, h / 4, w / 4, 128], &[128, classes], &[c, 32, 9]]);
+    crate::check_size("cnn", params, "the image size, channels and classes")?;
     let pad1 = ConvOptions::default().padding(1);
     Ok(Sequential::new()
         .add(Conv2d::new(c, 32, 3, pad1)?)

@@ -71,6 +71,12 @@ impl Gpt {
                 "vocab_size, context and layers must be at least 1",
             ));
         }
+        let params = crate::parameters_at_least(&[
+            &[c.vocab_size, c.width],
+            &[c.context, c.width],
+            &[c.layers, 12, c.width, c.width],
+        ]);
+        crate::check_size("GptConfig", params, "vocab_size, context, layers and width")?;
         let wte = Embedding::new(c.vocab_size, c.width)?;
         let wpe = Embedding::new(c.context, c.width)?;
         nerve_nn::init::normal_(&wte.weight, 0.0, 0.02)?;
@@ -134,6 +140,18 @@ impl Gpt {
         temperature: f64,
         top_k: usize,
     ) -> Result<Vec<i64>> {
+        self.generate_with(prompt, n, temperature, top_k, &mut |_| Ok(()))
+    }
+
+    /// [`Gpt::generate`], calling `on_token` with each new token.
+    pub fn generate_with(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        temperature: f64,
+        top_k: usize,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
+    ) -> Result<Vec<i64>> {
         check_prompt(prompt, self.config.vocab_size)?;
         let ctx = self.config.context;
         nerve_core::no_grad(|| {
@@ -152,6 +170,7 @@ impl Gpt {
                 let logits = self.forward_cached(&next_in, &mut caches)?;
                 let tok = pick(&last_logits(&logits)?, temperature, top_k);
                 out.push(tok);
+                on_token(tok)?;
                 next_in = Tensor::from_vec(vec![tok], [1, 1])?;
             }
             Ok(out)
@@ -163,14 +182,15 @@ impl LanguageModel for Gpt {
     fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
-    fn generate(
+    fn generate_with(
         &self,
         prompt: &[i64],
         n: usize,
         temperature: f64,
         top_k: usize,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
     ) -> Result<Vec<i64>> {
-        Gpt::generate(self, prompt, n, temperature, top_k)
+        Gpt::generate_with(self, prompt, n, temperature, top_k, on_token)
     }
 }
 

@@ -19,6 +19,19 @@ pub trait LanguageModel: Module {
         n: usize,
         temperature: f64,
         top_k: usize,
+    ) -> Result<Vec<i64>> {
+        self.generate_with(prompt, n, temperature, top_k, &mut |_| Ok(()))
+    }
+
+    /// [`generate`](Self::generate), calling `on_token` with each new token as it is drawn
+    /// (to stream the text or show progress); an error from it stops generation.
+    fn generate_with(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        temperature: f64,
+        top_k: usize,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
     ) -> Result<Vec<i64>>;
 }
 

@@ -116,6 +116,19 @@ impl MambaConfig {
                 ),
             ));
         }
+        let inner = [self.expand, self.d_model];
+        let params = crate::parameters_at_least(&[
+            &[self.vocab_size, self.d_model],
+            // in_proj (2 × inner), out_proj (inner), A (inner × d_state) per layer.
+            &[self.n_layers, 3, self.expand, self.d_model, self.d_model],
+            &[self.n_layers, self.d_state, inner[0], inner[1]],
+            &[self.n_layers, self.d_conv, inner[0], inner[1]],
+        ]);
+        crate::check_size(
+            "MambaConfig",
+            params,
+            "vocab_size, d_model, n_layers, expand, d_state and d_conv",
+        )?;
         if self.norm_epsilon.is_nan() || self.norm_epsilon < 0.0 {
             return Err(Error::invalid(
                 "MambaConfig",
@@ -253,6 +266,18 @@ impl MambaLm {
         temperature: f64,
         top_k: usize,
     ) -> Result<Vec<i64>> {
+        self.generate_with(prompt, n, temperature, top_k, &mut |_| Ok(()))
+    }
+
+    /// [`MambaLm::generate`], calling `on_token` with each new token.
+    pub fn generate_with(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        temperature: f64,
+        top_k: usize,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
+    ) -> Result<Vec<i64>> {
         check_prompt(prompt, self.config.vocab_size)?;
         no_grad(|| {
             let mut caches = self.new_caches(1);
@@ -265,6 +290,7 @@ impl MambaLm {
                 let row = last_logits(logits.as_ref().expect("the prompt is not empty"))?;
                 let tok = pick(&row[..self.config.vocab_size], temperature, top_k);
                 out.push(tok);
+                on_token(tok)?;
                 if i + 1 < n {
                     logits = Some(self.step(&Tensor::from_vec(vec![tok], [1])?, &mut caches)?);
                 }
@@ -301,14 +327,15 @@ impl LanguageModel for MambaLm {
     fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
-    fn generate(
+    fn generate_with(
         &self,
         prompt: &[i64],
         n: usize,
         temperature: f64,
         top_k: usize,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
     ) -> Result<Vec<i64>> {
-        MambaLm::generate(self, prompt, n, temperature, top_k)
+        MambaLm::generate_with(self, prompt, n, temperature, top_k, on_token)
     }
 }
 

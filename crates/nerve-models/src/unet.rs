@@ -132,6 +132,26 @@ impl UNetConfig {
                 ));
             }
         }
+        // Two 3×3 convolutions in each residual block of each level (down path only).
+        let mut terms: Vec<Vec<usize>> = self
+            .channel_mult
+            .iter()
+            .map(|&m| {
+                vec![
+                    self.num_res_blocks,
+                    18,
+                    self.base_channels * m,
+                    self.base_channels * m,
+                ]
+            })
+            .collect();
+        terms.push(vec![self.time_embed_dim, self.time_embed_dim]);
+        let terms: Vec<&[usize]> = terms.iter().map(Vec::as_slice).collect();
+        crate::check_size(
+            "UNetConfig",
+            crate::parameters_at_least(&terms),
+            "base_channels, channel_mult, num_res_blocks and time_embed_dim",
+        )?;
         let low = self.level_channels(self.channel_mult.len() - 1);
         if self.attention
             && (self.attention_heads == 0 || !low.is_multiple_of(self.attention_heads))

@@ -105,7 +105,19 @@ impl Vit {
                 "channels, image, layers and classes must be at least 1",
             ));
         }
-        let n = (c.image / c.patch) * (c.image / c.patch);
+        let side = c.image / c.patch;
+        let params = crate::parameters_at_least(&[
+            &[c.channels, c.patch, c.patch, c.width],
+            &[side, side, c.width],
+            &[c.layers, 12, c.width, c.width],
+            &[c.width, c.classes],
+        ]);
+        crate::check_size(
+            "VitConfig",
+            params,
+            "channels, image, patch, layers, width and classes",
+        )?;
+        let n = side * side;
         let cls_token = Tensor::zeros([1, 1, c.width]).requires_grad_(true);
         let pos_embed = Tensor::zeros([1, n + 1, c.width]).requires_grad_(true);
         nerve_nn::init::normal_(&cls_token, 0.0, 0.02)?;
