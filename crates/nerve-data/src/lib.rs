@@ -49,7 +49,7 @@ pub use dataset::Dataset;
 pub use digits::digits;
 pub use error::{DataError, Result};
 pub use idx::{read_idx, IdxArray};
-pub use loader::{Batches, DataLoader};
+pub use loader::{Batches, DataLoader, Shard};
 pub use mnist::load_mnist;
 pub use text::{CharTokenizer, TextSplits};
 pub use tokenizer::{BpeVocab, ChatMessage, TokenStream, Tokenizer};

@@ -15,6 +15,42 @@ use crate::{Augment, Dataset};
 /// How many batches the prefetch thread may have ready ahead of the consumer.
 const PREFETCH_DEPTH: usize = 2;
 
+/// One process's part of every batch in data-parallel training: rank `rank` of `world`
+/// takes rows `rank·n/world .. (rank+1)·n/world` of a batch of `n` (as even as can be; a
+/// short last batch may leave a rank none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This process, `0..world`.
+    pub rank: usize,
+    /// The number of processes.
+    pub world: usize,
+}
+
+impl Default for Shard {
+    /// The whole batch (one process).
+    fn default() -> Self {
+        Shard { rank: 0, world: 1 }
+    }
+}
+
+impl Shard {
+    /// This shard's rows of a batch of `n`.
+    pub fn range(&self, n: usize) -> std::ops::Range<usize> {
+        let w = self.world.max(1);
+        self.rank * n / w..(self.rank + 1) * n / w
+    }
+
+    /// The factor on this shard's mean loss that makes the mean over the ranks of the
+    /// gradients (what an all-reduce average gives) the gradient of the whole batch's mean
+    /// loss: `rows · world / n` (1 for equal shards).
+    pub fn loss_scale(&self, n: usize) -> f64 {
+        if n == 0 {
+            return 0.0;
+        }
+        (self.range(n).len() * self.world) as f64 / n as f64
+    }
+}
+
 /// Iterates over a [`Dataset`] in mini-batches, one epoch at a time.
 ///
 /// ```
@@ -40,6 +76,7 @@ pub struct DataLoader {
     drop_last: bool,
     augment: Option<Augment>,
     prefetch: bool,
+    shard: Shard,
 }
 
 impl DataLoader {
@@ -54,6 +91,7 @@ impl DataLoader {
             drop_last: false,
             augment: None,
             prefetch: true,
+            shard: Shard::default(),
         }
     }
 
@@ -82,6 +120,20 @@ impl DataLoader {
     pub fn prefetch(mut self, prefetch: bool) -> Self {
         self.prefetch = prefetch;
         self
+    }
+
+    /// Give only `shard`'s rows of each batch (data-parallel training): the batch size and
+    /// the order stay those of the whole batch, so the shards of all ranks together are the
+    /// batches one process would get.
+    pub fn shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// The rows of batch `b` of an epoch, over all shards.
+    pub fn batch_rows(&self, b: usize) -> usize {
+        let n = self.dataset.len();
+        (n.saturating_sub(b * self.batch_size)).min(self.batch_size)
     }
 
     /// The data set.
@@ -131,6 +183,7 @@ impl DataLoader {
             augment: self.augment,
             seed: self.seed,
             epoch,
+            shard: self.shard,
         });
         let source = if self.prefetch && first < total {
             spawn(Arc::clone(&producer), first..total).unwrap_or(Source::Inline(producer))
@@ -156,17 +209,30 @@ struct Producer {
     augment: Option<Augment>,
     seed: u64,
     epoch: usize,
+    shard: Shard,
 }
 
 impl Producer {
     fn make(&self, b: usize) -> RawBatch {
         let start = (b * self.batch_size).min(self.order.len());
         let end = (start + self.batch_size).min(self.order.len());
+        let rows = self.shard.range(end - start);
+        let Some(aug) = &self.augment else {
+            return Ok(self
+                .dataset
+                .gather_raw(&self.order[start + rows.start..start + rows.end]));
+        };
+        // Augmentation draws along the whole batch: augment it all, then cut the shard.
         let (mut x, y) = self.dataset.gather_raw(&self.order[start..end]);
-        if let Some(aug) = &self.augment {
-            aug.apply_batch(&mut x, self.dataset.sample_dims(), self.seed, self.epoch, b)?;
+        aug.apply_batch(&mut x, self.dataset.sample_dims(), self.seed, self.epoch, b)?;
+        if rows.len() == end - start {
+            return Ok((x, y));
         }
-        Ok((x, y))
+        let len: usize = self.dataset.sample_dims().iter().product();
+        Ok((
+            x[rows.start * len..rows.end * len].to_vec(),
+            y[rows.clone()].to_vec(),
+        ))
     }
 }
 

@@ -218,3 +218,62 @@ fn augmenting_flat_samples_is_an_error_not_a_panic() {
     assert!(it.next().unwrap().is_err());
     assert!(it.next().is_none());
 }
+
+/// The shards of all ranks, in rank order, are the batches one process gets, with and
+/// without augmentation; a short last batch leaves the last ranks fewer rows (or none).
+#[test]
+fn shards_together_are_the_whole_batches() {
+    use nerve_data::{Augment, Shard};
+    let aug = Augment {
+        pad: 1,
+        hflip: true,
+    };
+    for augment in [None, Some(aug)] {
+        let make = |shard: Shard| {
+            let mut l = DataLoader::new(digits(), 100)
+                .shuffle(3)
+                .prefetch(false)
+                .shard(shard);
+            if let Some(a) = augment {
+                l = l.augment(a);
+            }
+            l
+        };
+        let whole: Vec<(Vec<f32>, Vec<i64>)> = make(Shard::default())
+            .epoch(1)
+            .map(|b| {
+                let (x, y) = b.unwrap();
+                (x.to_vec().unwrap(), y.to_vec().unwrap())
+            })
+            .collect();
+        for world in [2, 3] {
+            let shards: Vec<Vec<(Vec<f32>, Vec<i64>)>> = (0..world)
+                .map(|rank| {
+                    make(Shard { rank, world })
+                        .epoch(1)
+                        .map(|b| {
+                            let (x, y) = b.unwrap();
+                            (x.to_vec().unwrap(), y.to_vec().unwrap())
+                        })
+                        .collect()
+                })
+                .collect();
+            for (b, (wx, wy)) in whole.iter().enumerate() {
+                let x: Vec<f32> = shards.iter().flat_map(|s| s[b].0.clone()).collect();
+                let y: Vec<i64> = shards.iter().flat_map(|s| s[b].1.clone()).collect();
+                assert_eq!((&x, &y), (wx, wy), "world {world}, batch {b}");
+            }
+        }
+    }
+    // 1797 digits: the last batch has 97 rows, cut 32/32/33 over 3 ranks.
+    let l = DataLoader::new(digits(), 100);
+    assert_eq!(l.num_batches(), 18);
+    assert_eq!(l.batch_rows(17), 97);
+    assert_eq!(l.batch_rows(18), 0);
+    let s = Shard { rank: 2, world: 3 };
+    assert_eq!(s.range(97), 64..97);
+    assert!((s.loss_scale(97) - 99.0 / 97.0).abs() < 1e-12);
+    assert_eq!(Shard { rank: 1, world: 4 }.range(2), 0..1);
+    assert_eq!(Shard { rank: 0, world: 4 }.range(2), 0..0);
+    assert_eq!(Shard::default().loss_scale(5), 1.0);
+}
