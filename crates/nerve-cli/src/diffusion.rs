@@ -9,7 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use nerve_core::{no_grad, Generator, Tensor};
 use nerve_data::image::save_png_grid;
-use nerve_data::{Batches, DataLoader, Dataset};
+use nerve_data::{Batches, DataLoader, Dataset, Shard};
+use nerve_distributed::DataParallel;
 use nerve_models::ddpm::{ddpm_loss, sample_ddim, sample_ddpm, DdpmSchedule, SampleOptions};
 use nerve_models::{UNet, UNetConfig};
 use nerve_nn::checkpoint::load_safetensors;
@@ -51,7 +52,7 @@ fn to_model_range(x: &Tensor) -> Result<Tensor> {
 
 /// `nerve train --model ddpm`: DDPM's noise-prediction loss (linear β schedule over 1000
 /// steps) with 10% label dropout, a checkpoint and a sample grid every `--eval-every` steps.
-pub fn train(a: &TrainArgs) -> Result<()> {
+pub fn train(a: &TrainArgs, dp: &DataParallel) -> Result<()> {
     if a.epochs.is_some() || a.seq_len.is_some() || a.augment_pad > 0 {
         bail!("--model ddpm trains for --steps (no --epochs, --seq-len or --augment-pad)");
     }
@@ -61,9 +62,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let classes = splits.train.num_classes();
     let (model, config) = build(&dims, classes, a.config_json()?.as_ref())?;
     let net: &dyn Module = &model;
-    let batch = a.batch_size.unwrap_or(64);
+    let batch = a.global_batch(64)?;
     let steps = a.steps.unwrap_or(5000);
-    let out = a.out();
     let opt = crate::make_optimizer(a, net.parameters());
     let set = a.settings(steps, 500, 1.0, steps / 20)?;
     let meta = HashMap::from([
@@ -72,7 +72,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         ("nerve.config".to_string(), config.to_string()),
         ("nerve.seed".to_string(), a.seed.to_string()),
     ]);
-    let mut trainer = trainer::start(a, &out, net, opt, set, &config, &meta)?;
+    let mut trainer = trainer::start(a, net, opt, set, &config, &meta, dp)?;
     a.say(&format!(
         "training ddpm ({} parameters, config {config}) on {data_name} ({} images of {dims:?}, {classes} classes) for {steps} steps of {batch}, {:?} lr {}",
         net.num_parameters(),
@@ -82,7 +82,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     ));
     let loader = DataLoader::new(splits.train.clone(), batch)
         .shuffle(a.seed)
-        .drop_last(true);
+        .drop_last(true)
+        .shard(a.shard);
     if loader.num_batches() == 0 {
         bail!(
             "--data {data_name}: fewer than one batch of {batch} training images (lower --batch-size)"
@@ -97,6 +98,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         val: splits.val,
         accumulate: a.accumulate,
         seed: a.seed,
+        shard: a.shard,
         dims,
         classes,
         meta,
@@ -119,6 +121,8 @@ struct DdpmTask<'a> {
     val: Dataset,
     accumulate: usize,
     seed: u64,
+    /// This rank's images of each batch (with noise of its own).
+    shard: Shard,
     dims: Vec<usize>,
     classes: usize,
     meta: HashMap<String, String>,
@@ -128,7 +132,11 @@ impl DdpmTask<'_> {
     /// The generator of the noise and timesteps of global batch `g` (from the seed alone,
     /// so a resumed run draws the same).
     fn noise(&self, g: usize) -> Generator {
-        Generator::new(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ g as u64)
+        let seed = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ g as u64;
+        // Each rank draws its own noise (PyTorch DDP ranks have their own generators).
+        Generator::new(
+            seed.wrapping_add((self.shard.rank as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)),
+        )
     }
 }
 
@@ -153,7 +161,7 @@ impl Task for DdpmTask<'_> {
             LABEL_DROPOUT,
             &mut gen,
         )?;
-        trainer::backward_mean(&l, n)?;
+        trainer::backward_mean(&l, n, self.shard.loss_scale(self.loader.batch_rows(b)))?;
         Ok(MicroBatch {
             loss: l.item::<f32>()? as f64,
             samples: y.numel(),

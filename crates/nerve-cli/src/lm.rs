@@ -2,13 +2,15 @@
 //! their checkpoints (held-out loss) and `nerve generate`.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use nerve_core::no_grad;
 use nerve_data::text::{eval_starts, random_starts, read_text, windows};
-use nerve_data::{CharTokenizer, TextSplits};
+use nerve_data::{CharTokenizer, Shard, TextSplits};
+use nerve_distributed::DataParallel;
 use nerve_models::LanguageModel;
 use nerve_nn::checkpoint::load_safetensors;
 use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
@@ -91,7 +93,7 @@ fn default_seq(kind: ModelKind) -> usize {
 
 /// `nerve train` for a language model: random windows of the training text, a held-out loss
 /// on fixed windows every `--eval-every` steps, with a checkpoint each time.
-pub fn train(a: &TrainArgs) -> Result<()> {
+pub fn train(a: &TrainArgs, dp: &DataParallel) -> Result<()> {
     if a.epochs.is_some() || a.augment_pad > 0 {
         bail!("--epochs and --augment-pad are for classifiers; language models train for --steps");
     }
@@ -118,9 +120,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             seq + 1
         );
     }
-    let batch = a.batch_size.unwrap_or(32);
+    let batch = a.global_batch(32)?;
     let steps = a.steps.unwrap_or(2000);
-    let out = a.out();
     let opt = crate::make_optimizer(a, net.parameters());
     let set = a.settings(steps, 250, 1.0, steps / 20)?;
     let meta = HashMap::from([
@@ -132,7 +133,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         ("nerve.seed".to_string(), a.seed.to_string()),
         ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
     ]);
-    let mut trainer = trainer::start(a, &out, net, opt, set, &config, &meta)?;
+    let mut trainer = trainer::start(a, net, opt, set, &config, &meta, dp)?;
     a.say(&format!(
         "training {} ({} parameters, config {config}) on {data_name} ({} train / {} held-out characters, vocabulary {}) for {steps} steps of {batch}×{seq} tokens, {:?} lr {}",
         a.model.name(),
@@ -151,6 +152,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         val_starts,
         seq,
         batch,
+        shard: a.shard,
         accumulate: a.accumulate,
         seed: a.seed,
         meta,
@@ -167,7 +169,10 @@ struct LmTask<'a> {
     splits: &'a TextSplits,
     val_starts: Vec<usize>,
     seq: usize,
+    /// Windows per batch over all ranks.
     batch: usize,
+    /// This rank's windows of each batch.
+    shard: Shard,
     accumulate: usize,
     seed: u64,
     meta: HashMap<String, String>,
@@ -183,7 +188,8 @@ impl Task for LmTask<'_> {
             self.seed,
             draw,
         )?;
-        let (x, y) = windows(&self.splits.train, &starts, self.seq)?;
+        let mine = &starts[self.shard.range(starts.len())];
+        let (x, y) = windows(&self.splits.train, mine, self.seq)?;
         let logits = self.model.forward(&x)?;
         let v = logits.dims()[2] as isize;
         let l = loss::cross_entropy(
@@ -191,10 +197,10 @@ impl Task for LmTask<'_> {
             &y.reshape(&[-1])?,
             &CrossEntropyOptions::default(),
         )?;
-        trainer::backward_mean(&l, n)?;
+        trainer::backward_mean(&l, n, self.shard.loss_scale(self.batch))?;
         Ok(MicroBatch {
             loss: l.item::<f32>()? as f64,
-            samples: self.batch * self.seq,
+            samples: mine.len() * self.seq,
             correct: None,
         })
     }
@@ -374,9 +380,23 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         .with_context(|| format!("--prompt {:?}", a.prompt))?;
     nerve_core::manual_seed(a.seed);
     let t0 = Instant::now();
-    let out = model.generate(&prompt, a.tokens, a.temperature, a.top_k)?;
+    // The text streams to stdout; when that is a file or a pipe, a progress bar on stderr
+    // (a terminal) shows how far it is.
+    let mut stdout = std::io::stdout().lock();
+    let pb = crate::generation_bar(a.tokens);
+    print!("{}", a.prompt);
+    model.generate_with(&prompt, a.tokens, a.temperature, a.top_k, &mut |t| {
+        let piece = tok
+            .decode(&[t])
+            .map_err(|e| nerve_core::Error::invalid("generate", e.to_string()))?;
+        // A closed stdout (e.g. `| head`) ends generation quietly.
+        let _ = write!(stdout, "{piece}").and_then(|_| stdout.flush());
+        pb.inc(1);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let _ = writeln!(stdout);
     let secs = t0.elapsed().as_secs_f64();
-    println!("{}", tok.decode(&out)?);
     eprintln!(
         "({} characters in {secs:.2}s, {:.0} characters/s)",
         a.tokens,

@@ -13,6 +13,7 @@ mod models;
 mod plot;
 mod pretrained;
 mod report;
+mod tensorboard;
 mod trainer;
 
 use std::collections::HashMap;
@@ -23,7 +24,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nerve_core::{no_grad, Tensor};
-use nerve_data::{Augment, DataLoader, Dataset};
+use nerve_data::{Augment, DataLoader, Dataset, Shard};
+use nerve_distributed::DataParallel;
 use nerve_nn::checkpoint::load_safetensors;
 use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
 use nerve_nn::{load_model, Adagrad, Adam, LrSchedule, Module, ModuleExt, Optimizer, RmsProp, Sgd};
@@ -264,10 +266,21 @@ struct TrainArgs {
     /// Print every metrics record as a JSON line on stdout (and nothing else there).
     #[arg(long)]
     json: bool,
+    /// Data-parallel training over MPI, one process per rank: `mpirun -np 2 nerve train
+    /// --distributed …`. --batch-size is per rank; rank 0 writes the run folder. Needs a
+    /// nerve built with `--features mpi`.
+    #[arg(long)]
+    distributed: bool,
     /// The arguments of this run as `nerve train` takes them (stored in config.json for
     /// --resume).
     #[arg(skip)]
     command: Vec<String>,
+    /// The number of ranks the run started with (from config.json when resuming).
+    #[arg(skip)]
+    started_world: Option<usize>,
+    /// This process's part of each batch.
+    #[arg(skip)]
+    shard: Shard,
 }
 
 impl TrainArgs {
@@ -280,6 +293,23 @@ impl TrainArgs {
                 "digits".into()
             }
         })
+    }
+
+    /// The samples (windows) of each optimizer step's batch over all ranks: --batch-size
+    /// (or `default`) per rank times the ranks the run started with, so a run resumed on
+    /// another number of ranks keeps its batches.
+    fn global_batch(&self, default: usize) -> Result<usize> {
+        let per_rank = self.batch_size.unwrap_or(default);
+        let started = self.started_world.unwrap_or(self.shard.world);
+        let global = per_rank * started;
+        if !global.is_multiple_of(self.shard.world) {
+            bail!(
+                "the run's batch of {global} ({per_rank} per rank × {started} ranks at its start) \
+                 does not divide among {} ranks",
+                self.shard.world
+            );
+        }
+        Ok(global)
     }
 
     /// The run folder: given, or `runs/<model>-<data>`.
@@ -353,7 +383,7 @@ impl TrainArgs {
 
     /// Human lines before training starts (not with --quiet or --json).
     fn say(&self, line: &str) {
-        if !self.quiet && !self.json {
+        if !self.quiet && !self.json && self.shard.rank == 0 {
             println!("{line}");
         }
     }
@@ -397,6 +427,12 @@ fn progress_bar(show: bool, len: usize, prefix: String) -> ProgressBar {
     pb
 }
 
+/// The progress bar of a generation of `tokens` tokens: shown (on stderr, a terminal) only
+/// when stdout, where the text streams, is not a terminal.
+fn generation_bar(tokens: usize) -> ProgressBar {
+    progress_bar(!std::io::stdout().is_terminal(), tokens, "generate".into())
+}
+
 #[derive(clap::Args)]
 struct EvalArgs {
     /// A run folder written by `nerve train`, or its model.safetensors.
@@ -430,6 +466,8 @@ fn main() {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
         nerve_core::threading::set_num_threads(t);
+    } else if matches!(&cli.cmd, Cmd::Train(a) if a.distributed) {
+        share_cores_with_local_ranks();
     }
     let result = match cli.cmd {
         Cmd::Train(a) => with_command(a).and_then(train),
@@ -475,6 +513,26 @@ fn main() {
     }
 }
 
+/// Without --threads or NERVE_NUM_THREADS, the ranks that `mpirun` started on this machine
+/// share its cores instead of each taking all of them.
+fn share_cores_with_local_ranks() {
+    if std::env::var_os("NERVE_NUM_THREADS").is_some() {
+        return;
+    }
+    let local = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "PMI_LOCAL_SIZE",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+    .unwrap_or(1);
+    if local > 1 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        nerve_core::threading::set_num_threads((cores / local).max(1));
+    }
+}
+
 /// The arguments after `train` on this process's command line.
 fn train_argv() -> Vec<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -498,6 +556,7 @@ const INVOCATION_OPTIONS: &[(&str, bool)] = &[
     ("--quiet", false),
     ("--json", false),
     ("--no-progress", false),
+    ("--distributed", false),
 ];
 
 /// `argv` without the options of this invocation (`--resume [RUN]`, `--out DIR`,
@@ -566,6 +625,11 @@ fn with_command(a: TrainArgs) -> Result<TrainArgs> {
             let Cmd::Train(mut b) = cli.cmd else {
                 unreachable!("parsed as `train`")
             };
+            b.started_world = cfg
+                .get("world_size")
+                .and_then(serde_json::Value::as_u64)
+                .map(|w| w as usize);
+            b.distributed = a.distributed;
             b.command = run_command(&argv[2..], &dir);
             b.resume = Some(Some(dir));
             return Ok(b);
@@ -681,7 +745,23 @@ fn meta_get<'a>(meta: &'a HashMap<String, String>, key: &str, file: &Path) -> Re
     })
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+/// `nerve train`: in a process group of one, or of `mpirun`'s ranks with --distributed.
+fn train(mut a: TrainArgs) -> Result<()> {
+    let dp = DataParallel::new(nerve_distributed::init(a.distributed)?);
+    a.shard = Shard {
+        rank: dp.rank(),
+        world: dp.size(),
+    };
+    let result = train_in(a, &dp);
+    if result.is_err() && dp.size() > 1 {
+        // No MPI_Finalize, which would wait for ranks blocked in a collective: this process
+        // exits with an error and `mpirun` stops the others.
+        std::mem::forget(dp);
+    }
+    result
+}
+
+fn train_in(a: TrainArgs, dp: &DataParallel) -> Result<()> {
     if a.batch_size == Some(0) || a.accumulate == 0 {
         bail!("--batch-size and --accumulate must be at least 1");
     }
@@ -690,17 +770,16 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     nerve_core::manual_seed(a.seed);
     if a.model.is_lm() {
-        return lm::train(&a);
+        return lm::train(&a, dp);
     }
     if a.model == ModelKind::Ddpm {
-        return diffusion::train(&a);
+        return diffusion::train(&a, dp);
     }
     if a.steps.is_some() || a.seq_len.is_some() {
         bail!("--steps and --seq-len are for language models; classifiers train for --epochs");
     }
     let data_name = a.data();
-    let batch_size = a.batch_size.unwrap_or(64);
-    let out = a.out();
+    let batch_size = a.global_batch(64)?;
     let mut splits = data::load(&data_name, a.data_dir.as_deref(), a.val_fraction, a.seed)?;
     let (mean, std) = splits.train.mean_std();
     let std = if std > 0.0 { std } else { 1.0 };
@@ -732,7 +811,8 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let loader = DataLoader::new(splits.train.clone(), batch_size)
         .shuffle(a.seed)
-        .augment(augment);
+        .augment(augment)
+        .shard(a.shard);
     let per_epoch = loader.num_batches();
     if per_epoch == 0 {
         bail!("--data {data_name}: the training split is empty");
@@ -763,7 +843,7 @@ fn train(a: TrainArgs) -> Result<()> {
         ("nerve.seed".to_string(), a.seed.to_string()),
         ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
     ]);
-    let mut trainer = trainer::start(&a, &out, model, opt, set, &config, &meta)?;
+    let mut trainer = trainer::start(&a, model, opt, set, &config, &meta, dp)?;
     a.say(&format!(
         "training {} ({} parameters) on {} ({} train / {} validation samples of {:?}, {classes} classes) for {epochs} epochs ({} steps), {:?} lr {}, batch {}",
         a.model.name(),
@@ -784,6 +864,7 @@ fn train(a: TrainArgs) -> Result<()> {
         accumulate: a.accumulate,
         steps_per_epoch,
         batches: None,
+        shard: a.shard,
         val: splits.val,
         test: splits.test,
         classes,
@@ -803,6 +884,8 @@ struct ClassifierTask<'a> {
     steps_per_epoch: usize,
     /// The epoch being read, the index of its next batch, and its batches.
     batches: Option<(usize, usize, nerve_data::Batches)>,
+    /// This rank's part of each batch.
+    shard: Shard,
     val: Dataset,
     test: Option<Dataset>,
     classes: usize,
@@ -821,10 +904,18 @@ impl trainer::Task for ClassifierTask<'_> {
             .next()
             .with_context(|| format!("epoch {epoch} has no batch {b}"))??;
         *next += 1;
+        let count = y.numel();
+        if count == 0 {
+            // A short last batch left this rank no rows: no gradient from it.
+            return Ok(trainer::MicroBatch {
+                loss: 0.0,
+                samples: 0,
+                correct: Some(0),
+            });
+        }
         let logits = self.model.forward(&x)?;
         let l = loss::cross_entropy(&logits, &y, &Default::default())?;
-        trainer::backward_mean(&l, n)?;
-        let count = y.numel();
+        trainer::backward_mean(&l, n, self.shard.loss_scale(self.loader.batch_rows(b)))?;
         Ok(trainer::MicroBatch {
             loss: l.item::<f32>()? as f64,
             samples: count,

@@ -115,6 +115,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     let mut stream = tok.stream(true);
     let mut out = std::io::stdout().lock();
     let t0 = Instant::now();
+    let pb = crate::generation_bar(a.tokens);
     let mut first = None;
     let new = model.generate_with(
         &prompt,
@@ -128,9 +129,11 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
                 .map_err(|e| nerve_core::Error::invalid("generate", e.to_string()))?;
             // A closed stdout (e.g. `| head`) ends generation quietly.
             let _ = write!(out, "{piece}").and_then(|_| out.flush());
+            pb.inc(1);
             Ok(())
         },
     )?;
+    pb.finish_and_clear();
     let _ = writeln!(out);
     let secs = t0.elapsed().as_secs_f64();
     let prefill = first.unwrap_or(secs);

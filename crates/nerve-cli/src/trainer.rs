@@ -27,6 +27,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use nerve_core::Tensor;
+use nerve_distributed::DataParallel;
+
+use crate::tensorboard::EventWriter;
 use nerve_nn::checkpoint::{load_safetensors, save_safetensors, write_atomic};
 use nerve_nn::{
     clip_grad_norm, first_nonfinite, grad_norm, LrSchedule, Module, ModuleExt, Optimizer,
@@ -80,9 +83,12 @@ pub trait Task {
 }
 
 /// Backward of the loss of one of `n` micro-batches of a step (divided by `n`, so the step's
-/// gradients are the mean over its micro-batches).
-pub fn backward_mean(loss: &Tensor, n: usize) -> Result<()> {
-    if n > 1 {
+/// gradients are the mean over its micro-batches), times `shard_scale`, this rank's
+/// [`Shard::loss_scale`](nerve_data::Shard::loss_scale) (1 in one process).
+pub fn backward_mean(loss: &Tensor, n: usize, shard_scale: f64) -> Result<()> {
+    if shard_scale != 1.0 {
+        loss.mul_scalar(shard_scale / n as f64)?.backward()?;
+    } else if n > 1 {
         loss.div_scalar(n as f64)?.backward()?;
     } else {
         loss.backward()?;
@@ -377,6 +383,10 @@ pub struct Trainer<'a> {
     state: State,
     records: Vec<Map<String, Value>>,
     metrics_file: Option<std::fs::File>,
+    /// The TensorBoard event file (made with the first record; `None` after a failure).
+    events: Option<Option<EventWriter>>,
+    /// The process group: gradients are averaged over its ranks; only rank 0 writes.
+    dp: &'a DataParallel,
 }
 
 impl<'a> Trainer<'a> {
@@ -385,8 +395,13 @@ impl<'a> Trainer<'a> {
         net: &'a dyn Module,
         opt: Box<dyn Optimizer + 'a>,
         dir: &Path,
-        set: Settings,
+        mut set: Settings,
+        dp: &'a DataParallel,
     ) -> Self {
+        if !dp.is_main() {
+            set.verbosity = Verbosity::Quiet;
+            set.progress = false;
+        }
         Self {
             net,
             opt,
@@ -395,7 +410,14 @@ impl<'a> Trainer<'a> {
             state: State::default(),
             records: Vec::new(),
             metrics_file: None,
+            events: None,
+            dp,
         }
+    }
+
+    /// Whether this process writes the run folder and prints (rank 0).
+    fn main(&self) -> bool {
+        self.dp.is_main()
     }
 
     /// The step to start from.
@@ -435,6 +457,9 @@ impl<'a> Trainer<'a> {
         if let Some(e) = last_err {
             return Err(e.context("no checkpoint of the run could be loaded"));
         }
+        if !self.main() {
+            return Ok(());
+        }
         let step = self.state.step;
         let mut records = if self.run.metrics().exists() {
             crate::plot::read_metrics(&self.run.metrics())?
@@ -447,6 +472,11 @@ impl<'a> Trainer<'a> {
             .map(|r| format!("{}\n", Value::Object(r.clone())))
             .collect();
         write_atomic(&self.run.metrics(), text.as_bytes())?;
+        // TensorBoard's files start again from the records kept.
+        remove_event_files(&self.run.dir);
+        for r in &records {
+            self.tensorboard(r);
+        }
         self.records = records;
         Ok(())
     }
@@ -496,6 +526,9 @@ impl<'a> Trainer<'a> {
     /// `--keep-checkpoints`. Returns its path.
     fn save_checkpoint(&self, task: &dyn Task) -> Result<PathBuf> {
         let step = self.state.step;
+        if !self.main() {
+            return Ok(self.run.checkpoint(step));
+        }
         let mut meta = task.meta();
         meta.insert("nerve.step".into(), step.to_string());
         let mut tensors: Vec<(String, Tensor)> = self
@@ -529,6 +562,9 @@ impl<'a> Trainer<'a> {
 
     /// Append a record to `metrics.jsonl` (and print it in JSON mode).
     fn push_record(&mut self, out: &Out, mut r: Map<String, Value>, task: &dyn Task) -> Result<()> {
+        if !self.main() {
+            return Ok(());
+        }
         let step = self.state.step;
         r.insert("step".into(), json!(step));
         if let Some(e) = task.epoch(step) {
@@ -548,8 +584,42 @@ impl<'a> Trainer<'a> {
                 .with_context(|| format!("writing {}", self.run.metrics().display()))?;
         }
         out.record(&r);
+        self.tensorboard(&r);
         self.records.push(r);
         Ok(())
+    }
+
+    /// Add the numbers of record `r` to the TensorBoard event file as `<kind>/<name>`
+    /// (`train/loss`, `eval/val_accuracy`). A failure is a warning: the metrics are in
+    /// metrics.jsonl anyway.
+    fn tensorboard(&mut self, r: &Map<String, Value>) {
+        let dir = &self.run.dir;
+        let Some(w) = self
+            .events
+            .get_or_insert_with(|| match EventWriter::create(dir) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    eprintln!("warning: no TensorBoard events: {e:#}");
+                    None
+                }
+            })
+        else {
+            return;
+        };
+        let kind = r.get("kind").and_then(Value::as_str).unwrap_or("train");
+        let step = record_step(r) as i64;
+        for (k, v) in r {
+            if ["step", "epoch", "time_s", "kind"].contains(&k.as_str()) {
+                continue;
+            }
+            if let Some(v) = v.as_f64() {
+                if let Err(e) = w.add_scalar(&format!("{kind}/{k}"), v, step) {
+                    eprintln!("warning: TensorBoard events stopped: {e:#}");
+                    self.events = Some(None);
+                    return;
+                }
+            }
+        }
     }
 
     /// Whether `value` of the monitored metric improves on the best so far.
@@ -581,12 +651,15 @@ impl<'a> Trainer<'a> {
             return Ok(());
         }
         let signals = Signals::install()?;
+        // Every rank starts from rank 0's parameters (as DDP's constructor makes them).
+        self.dp.broadcast_parameters(&self.net.parameters())?;
         let named = self.net.named_parameters();
         let start_step = self.state.step;
         let t_start = Instant::now();
         let time0 = self.state.time_s;
         let mut t_log = Instant::now();
         let mut stop_reason: Option<String> = None;
+        let mut stopped_by = None;
         while self.state.step < total {
             let s = self.state.step;
             self.opt.set_lr(self.set.schedule.lr(self.set.lr, s));
@@ -597,6 +670,14 @@ impl<'a> Trainer<'a> {
                 let m = task.micro_step(s, micro, n)?;
                 loss += m.loss / n as f64;
                 batches.push(m);
+            }
+            // With several ranks: the mean gradient, the whole batches' statistics, and a
+            // signal seen by any rank, so that every rank takes the same decisions.
+            let mut signal = None;
+            if self.dp.size() > 1 {
+                self.dp.all_reduce_gradients(self.opt.params())?;
+                signal = self.agree_on_step(&mut batches, signals.received());
+                loss = batches.iter().map(|m| m.loss / n as f64).sum();
             }
             let norm = if self.set.clip > 0.0 {
                 clip_grad_norm(self.opt.params(), self.set.clip)?
@@ -629,7 +710,9 @@ impl<'a> Trainer<'a> {
                     };
                     bail!("{what}. Training stopped{hint}; {last}. Try a lower --lr or --clip-grad-norm, or --on-nonfinite skip");
                 }
-                eprintln!("warning: {what}; the step is skipped");
+                if self.main() {
+                    eprintln!("warning: {what}; the step is skipped");
+                }
                 self.state.skips += 1;
                 self.state.step += 1;
                 let r = Map::from_iter([
@@ -758,11 +841,25 @@ impl<'a> Trainer<'a> {
                         }
                     }
                 }
-                task.after_eval(&self.run.dir)?;
+                if self.main() {
+                    task.after_eval(&self.run.dir)?;
+                }
                 self.write_plots();
                 checkpoint = true;
+                if self.dp.size() > 1 {
+                    // Early stopping on one rank stops them all.
+                    let mut stop = [f64::from(u8::from(stop_reason.is_some()))];
+                    self.dp.all_reduce_sum(&mut stop);
+                    if stop[0] > 0.0 && stop_reason.is_none() {
+                        stop_reason = Some("early stopping on another rank".into());
+                    }
+                }
             }
-            if let Some(sig) = signals.received() {
+            if self.dp.size() == 1 {
+                signal = signals.received();
+            }
+            if let Some(sig) = signal {
+                stopped_by = Some(sig);
                 stop_reason = Some(format!("interrupted by signal {sig}"));
             }
             if self.set.stop_after.is_some_and(|k| step >= k) && step < total {
@@ -783,12 +880,13 @@ impl<'a> Trainer<'a> {
                     self.run.checkpoint(self.state.step).display(),
                     self.run.dir.display()
                 );
-                if self.set.verbosity == Verbosity::Json {
+                if !self.main() {
+                } else if self.set.verbosity == Verbosity::Json {
                     eprintln!("{msg}");
                 } else {
                     println!("{msg}");
                 }
-                if let Some(sig) = signals.received() {
+                if let Some(sig) = stopped_by {
                     return Err(Interrupted { signal: sig }.into());
                 }
                 return Ok(());
@@ -804,11 +902,14 @@ impl<'a> Trainer<'a> {
                 line.push_str(&format!("  {}", format_metric(k, *v)));
             }
             self.push_record(&out, r, task)?;
-            if self.set.verbosity != Verbosity::Json {
+            if self.set.verbosity != Verbosity::Json && self.main() {
                 println!("{line}");
             }
         }
         self.write_plots();
+        if !self.main() {
+            return Ok(());
+        }
         if let Some(text) = task.sample_text()? {
             write_atomic(&self.run.dir.join("samples.txt"), text.as_bytes())?;
             out.info(&format!("sample:\n{text}"));
@@ -832,8 +933,40 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Sum the micro-batches' statistics over the ranks (each `loss` becomes the mean over
+    /// the whole batch, `samples` and `correct` the totals) and the signals the ranks have
+    /// received; returns the signal any rank got (SIGINT before SIGTERM).
+    fn agree_on_step(&self, batches: &mut [MicroBatch], signal: Option<usize>) -> Option<usize> {
+        let mut v: Vec<f64> = batches
+            .iter()
+            .flat_map(|m| {
+                let s = m.samples as f64;
+                [m.loss * s, s, m.correct.unwrap_or(0) as f64]
+            })
+            .collect();
+        v.push(f64::from(u8::from(signal == Some(2))));
+        v.push(f64::from(u8::from(signal.is_some_and(|s| s != 2))));
+        self.dp.all_reduce_sum(&mut v);
+        for (m, s) in batches.iter_mut().zip(v.chunks_exact(3)) {
+            m.loss = s[0] / s[1].max(1.0);
+            m.samples = s[1] as usize;
+            m.correct = m.correct.map(|_| s[2] as usize);
+        }
+        let k = 3 * batches.len();
+        if v[k] > 0.0 {
+            Some(2)
+        } else if v[k + 1] > 0.0 {
+            Some(15)
+        } else {
+            None
+        }
+    }
+
     /// Plots of the metrics so far (a failure to draw is a warning, not a stop).
     fn write_plots(&self) {
+        if !self.main() {
+            return;
+        }
         if let Err(e) = crate::plot::write_plots(&self.run.dir, &self.records) {
             eprintln!("warning: plots not written: {e:#}");
         }
@@ -860,6 +993,18 @@ fn format_secs(s: f64) -> String {
     }
 }
 
+/// Delete the TensorBoard event files of `dir`.
+fn remove_event_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with("events.out.tfevents.")
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Files of an earlier run that a fresh run in the same folder replaces.
 const RUN_FILES: &[&str] = &[
     "metrics.jsonl",
@@ -874,19 +1019,21 @@ const RUN_FILES: &[&str] = &[
     "report.html",
 ];
 
-/// Set up the run folder `out` for training `net` with `opt`: resume it (`--resume`,
-/// checking that the checkpoint's `meta` matches this model and data) or start afresh
-/// (replacing an earlier run's files); then write `config.json`.
+/// Set up the run folder (`a.out()`) for training `net` with `opt` over the ranks of `dp`:
+/// resume it (`--resume`, checking that the checkpoint's `meta` matches this model and data)
+/// or start afresh (replacing an earlier run's files); then write `config.json`. Only rank 0
+/// touches the folder.
 pub fn start<'a>(
     a: &crate::TrainArgs,
-    out: &Path,
     net: &'a dyn Module,
     opt: Box<dyn Optimizer + 'a>,
     set: Settings,
     config: &Value,
     meta: &HashMap<String, String>,
+    dp: &'a DataParallel,
 ) -> Result<Trainer<'a>> {
-    let mut t = Trainer::new(net, opt, out, set);
+    let out = &a.out();
+    let mut t = Trainer::new(net, opt, out, set, dp);
     if a.resume.is_some() {
         t.resume(|found, path| {
             for (k, v) in meta {
@@ -900,7 +1047,7 @@ pub fn start<'a>(
             }
             Ok(())
         })?;
-        if t.set.verbosity != Verbosity::Json && !a.quiet {
+        if t.set.verbosity == Verbosity::Normal {
             println!(
                 "resuming {} from step {} of {}",
                 out.display(),
@@ -908,7 +1055,7 @@ pub fn start<'a>(
                 t.set.steps
             );
         }
-    } else {
+    } else if dp.is_main() {
         let old = t.run.step_checkpoints();
         if !old.is_empty() || t.run.metrics().exists() {
             if t.set.verbosity == Verbosity::Normal {
@@ -923,14 +1070,19 @@ pub fn start<'a>(
             for f in RUN_FILES {
                 let _ = std::fs::remove_file(out.join(f));
             }
+            remove_event_files(out);
         }
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    }
+    if !dp.is_main() {
+        return Ok(t);
     }
     let cfg = json!({
         "model": meta.get("nerve.model"),
         "data": meta.get("nerve.data"),
         "config": config,
         "command": a.command,
+        "world_size": a.started_world.unwrap_or(dp.size()),
     });
     write_atomic(
         &t.run.config(),

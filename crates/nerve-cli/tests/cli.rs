@@ -328,6 +328,21 @@ fn language_models_train_resume_and_generate() {
     ]);
     let t = text(&o);
     assert!(t.starts_with("on the mat.\nthe"), "{t}");
+    // A config too big for the machine is refused before anything is allocated.
+    let huge = dir.join("huge.json");
+    std::fs::write(&huge, r#"{"width": 1048576, "heads": 1}"#).unwrap();
+    fails_naming(
+        &[
+            "train",
+            "--model",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            huge.to_str().unwrap(),
+        ],
+        &["GptConfig", "width", "memory"],
+    );
 
     // Bad input: characters outside the vocabulary, an empty prompt, inconsistent configs,
     // a sequence longer than the context, generating from a classifier.

@@ -443,6 +443,21 @@ fn early_stopping_best_and_kept_checkpoints_plots_and_output_modes() {
     }
     let png = std::fs::read(run.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // The TensorBoard event file holds the same records, tagged `<kind>/<name>`.
+    let events: Vec<PathBuf> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let ev = std::fs::read(&events[0]).unwrap();
+    let count = |tag: &[u8]| ev.windows(tag.len()).filter(|w| *w == tag).count();
+    assert_eq!(count(b"eval/val_accuracy"), 3);
+    assert_eq!(
+        count(b"train/loss"),
+        lines.iter().filter(|r| r["kind"] == "train").count()
+    );
     let train = lines.iter().find(|r| r["kind"] == "train").unwrap();
     for k in [
         "step",
