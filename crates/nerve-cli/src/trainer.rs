@@ -198,6 +198,9 @@ struct Sums {
     correct: Option<usize>,
     grad_norm: f64,
     seconds: f64,
+    /// Seconds in the gradient all-reduce (data-parallel runs).
+    #[serde(default)]
+    allreduce_seconds: f64,
 }
 
 impl Sums {
@@ -675,7 +678,9 @@ impl<'a> Trainer<'a> {
             // signal seen by any rank, so that every rank takes the same decisions.
             let mut signal = None;
             if self.dp.size() > 1 {
+                let t = Instant::now();
                 self.dp.all_reduce_gradients(self.opt.params())?;
+                self.state.log.allreduce_seconds += t.elapsed().as_secs_f64();
                 signal = self.agree_on_step(&mut batches, signals.received());
                 loss = batches.iter().map(|m| m.loss / n as f64).sum();
             }
@@ -774,6 +779,10 @@ impl<'a> Trainer<'a> {
                 ]);
                 if let Some(a) = l.accuracy() {
                     r.insert("accuracy".into(), json!(a));
+                }
+                if self.dp.size() > 1 {
+                    let ms = 1e3 * l.allreduce_seconds / l.steps.max(1) as f64;
+                    r.insert("allreduce_ms".into(), json!(ms));
                 }
                 self.push_record(&out, r, task)?;
                 self.state.log = Sums::default();
@@ -1076,6 +1085,17 @@ pub fn start<'a>(
     }
     if !dp.is_main() {
         return Ok(t);
+    }
+    if dp.size() > 1 && t.set.verbosity == Verbosity::Normal {
+        let params = t.opt.params();
+        println!(
+            "data parallel over {} ranks ({}): each step all-reduces {:.2} MB of gradients in {} bucket(s) of up to {} MiB",
+            dp.size(),
+            dp.group().name(),
+            DataParallel::gradient_bytes(params) as f64 / 1e6,
+            dp.bucket_count(params),
+            DataParallel::DEFAULT_BUCKET_MB
+        );
     }
     let cfg = json!({
         "model": meta.get("nerve.model"),

@@ -325,3 +325,47 @@ fn a_dead_rank_stops_the_job_instead_of_hanging() {
     assert!(!status.success(), "{t}");
     assert!(t.contains("signal 9"), "{t}");
 }
+
+#[test]
+fn every_model_of_the_zoo_trains_on_two_ranks() {
+    let dir = tmp("zoo");
+    let data = corpus(&dir);
+    for model in ["mlp", "cnn", "vit", "lstm", "gru", "gpt", "mamba", "ddpm"] {
+        let out = dir.join(model);
+        let mut args = vec![
+            "train",
+            "--distributed",
+            "--model",
+            model,
+            "--log-every",
+            "1",
+            "--out",
+            s(&out),
+        ];
+        match model {
+            "mlp" | "cnn" | "vit" => args.extend(["--epochs", "1", "--stop-after", "3"]),
+            "ddpm" => args.extend(["--data", "digits", "--steps", "3", "--batch-size", "16"]),
+            _ => args.extend([
+                "--data",
+                s(&data),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "32",
+                "--eval-windows",
+                "4",
+            ]),
+        }
+        let o = run(mpirun(2), &args);
+        let t = text(&o);
+        assert!(
+            t.contains("data parallel over 2 ranks") && t.contains("MB of gradients"),
+            "{model}: {t}"
+        );
+        assert!(out.join("model.safetensors").is_file(), "{model}");
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert!(metrics.contains("\"allreduce_ms\""), "{model}: {metrics}");
+    }
+}

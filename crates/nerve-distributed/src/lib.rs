@@ -285,6 +285,11 @@ impl DataParallel {
         }
     }
 
+    /// The number of all-reduce buckets `params` take.
+    pub fn bucket_count(&self, params: &[Tensor]) -> usize {
+        self.buckets(params).len()
+    }
+
     /// `params` cut into runs of at most one bucket's elements (a larger parameter alone).
     fn buckets<'p>(&self, params: &'p [Tensor]) -> Vec<&'p [Tensor]> {
         let mut out = Vec::new();
