@@ -72,7 +72,7 @@ pub fn train(a: &TrainArgs, dp: &DataParallel) -> Result<()> {
         ("nerve.config".to_string(), config.to_string()),
         ("nerve.seed".to_string(), a.seed.to_string()),
     ]);
-    let mut trainer = trainer::start(a, net, opt, set, &config, &meta, dp)?;
+    let mut trainer = trainer::start(&a.run, net, opt, set, &config, &meta, dp)?;
     a.say(&format!(
         "training ddpm ({} parameters, config {config}) on {data_name} ({} images of {dims:?}, {classes} classes) for {steps} steps of {batch}, {:?} lr {}",
         net.num_parameters(),

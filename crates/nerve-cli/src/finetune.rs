@@ -15,12 +15,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use nerve_core::{no_grad, Generator, Tensor};
+use nerve_distributed::{DataParallel, SingleProcess};
 use nerve_models::{causal_lm_loss, BertClassifier, Llama, Sampler, SamplingOptions};
-use nerve_nn::checkpoint::{save_safetensors, write_atomic};
+use nerve_nn::checkpoint::save_safetensors;
 use nerve_nn::lora::{self, LoraConfig, TargetModules};
-use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer};
+use nerve_nn::{loss, Adam, LrSchedule, Module, ModuleExt};
+use serde_json::Value;
 
-use crate::progress_bar;
+use crate::trainer::{self, MicroBatch, RunOptions, Task};
 
 /// The labelled messages `nerve finetune --model minilm` uses without `--data` (written for
 /// nerve: 56 each of refund, shipping, account, payment, product).
@@ -30,9 +32,9 @@ const INTENTS_TSV: &str = include_str!("../data/intents.tsv");
 #[derive(clap::Args)]
 pub struct FinetuneArgs {
     /// The pretrained model: `smollm2` or a GGUF file (language modelling), `minilm` or a
-    /// sentence-transformers folder (sentence classification).
+    /// sentence-transformers folder (sentence classification). Needed unless --resume.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Language models: `shakespeare` (the default; `nerve data get shakespeare`) or a UTF-8
     /// text file. Classifiers: a TSV file with a `label<TAB>text` header (default: the
     /// embedded customer-support intents).
@@ -81,9 +83,6 @@ pub struct FinetuneArgs {
     /// Clip gradients to this global L2 norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     clip_grad_norm: f64,
-    /// Evaluate (and save) every this many steps (language models).
-    #[arg(long, default_value_t = 50)]
-    eval_every: usize,
     /// Held-out windows per evaluation (language models).
     #[arg(long, default_value_t = 16)]
     eval_windows: usize,
@@ -98,19 +97,22 @@ pub struct FinetuneArgs {
     /// Seed of the adapters' initialisation, the batches and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output folder (default: runs/finetune-<model>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long)]
-    no_progress: bool,
+    /// The run folder's options (--out, --resume, --eval-every, checkpoints, output).
+    #[command(flatten)]
+    pub(crate) run: RunOptions,
 }
 
 impl FinetuneArgs {
-    fn out(&self) -> PathBuf {
-        self.out.clone().unwrap_or_else(|| {
+    /// --model (empty when not given).
+    fn model(&self) -> &Path {
+        self.model.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// The run folder: --out, or `runs/finetune-<model>`.
+    pub(crate) fn out(&self) -> PathBuf {
+        self.run.out.clone().unwrap_or_else(|| {
             let stem = self
-                .model
+                .model()
                 .file_stem()
                 .map_or("model".into(), |s| s.to_string_lossy().into_owned());
             PathBuf::from("runs").join(format!("finetune-{stem}"))
@@ -122,7 +124,7 @@ impl FinetuneArgs {
         let mut c = LoraConfig::new(self.lora_rank, self.lora_alpha, default_targets);
         c.lora_dropout = self.lora_dropout;
         c.task_type = Some(task.into());
-        c.base_model_name_or_path = Some(self.model.display().to_string());
+        c.base_model_name_or_path = Some(self.model().display().to_string());
         match self.target_modules.as_slice() {
             [] => {}
             [one] if one == "all-linear" => {
@@ -197,16 +199,19 @@ pub fn peak_rss_mb() -> Option<f64> {
 /// `nerve finetune`.
 pub fn run(a: &FinetuneArgs) -> Result<()> {
     a.check()?;
+    if a.model().as_os_str().is_empty() {
+        bail!("--model is needed: smollm2, a .gguf file, minilm or a sentence-transformers folder");
+    }
     let is_gguf =
-        a.model.as_os_str() == "smollm2" || a.model.extension().is_some_and(|e| e == "gguf");
+        a.model().as_os_str() == "smollm2" || a.model().extension().is_some_and(|e| e == "gguf");
     if is_gguf {
         finetune_lm(a)
-    } else if a.model.as_os_str() == "minilm" || a.model.join("config.json").exists() {
+    } else if a.model().as_os_str() == "minilm" || a.model().join("config.json").exists() {
         finetune_classifier(a)
     } else {
         bail!(
             "--model {}: not `smollm2`, a .gguf file, `minilm` or a sentence-transformers folder",
-            a.model.display()
+            a.model().display()
         )
     }
 }
@@ -252,7 +257,7 @@ fn stack(rows: &[Vec<i64>]) -> Result<Tensor> {
 }
 
 fn finetune_lm(a: &FinetuneArgs) -> Result<()> {
-    let path = crate::pretrained::model_file(&a.model)?;
+    let path = crate::pretrained::model_file(a.model())?;
     let t0 = Instant::now();
     let (model, tok) = nerve_models::gguf::load_llama(&path)?;
     let spec = a.data.clone().unwrap_or_else(|| "shakespeare".into());
@@ -298,69 +303,52 @@ fn finetune_lm(a: &FinetuneArgs) -> Result<()> {
     let lora_config = a.prepare(&model, a.lora_config(&["q_proj", "v_proj"], "CAUSAL_LM"))?;
     print_trainable(&model);
     let lr = a.lr.unwrap_or(if a.full { 2e-5 } else { 2e-4 });
-    let params = model.trainable_parameters();
-    let mut opt = Adam::adamw(params.clone(), lr, a.weight_decay);
-    let out = a.out();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let mut metrics = String::from("step,loss,val_loss,lr,tokens_per_s\n");
-
-    let v0 = held_out_loss(&model, &val_windows, batch)?;
-    println!("step 0: held-out loss {v0:.4} ({n_val} windows of {seq} tokens)");
-    metrics.push_str(&format!("0,,{v0},{lr},\n"));
-    let mut gen = Generator::new(a.seed);
-    let pb = progress_bar(!a.no_progress, a.steps, "finetune".into());
-    let (mut recent, mut recent_n) = (0.0, 0);
-    let mut val_loss = v0;
+    let opt = Box::new(Adam::adamw(
+        model.trainable_parameters(),
+        lr,
+        a.weight_decay,
+    ));
+    let mut set = a
+        .run
+        .settings(a.steps, 50, a.clip_grad_norm, lr, LrSchedule::Constant)?;
+    set.trainable_only = true;
+    let meta = HashMap::from([
+        ("nerve.model".to_string(), "finetune-lm".to_string()),
+        ("nerve.base".to_string(), path.display().to_string()),
+        ("nerve.data".to_string(), spec.clone()),
+        ("format".to_string(), "pt".to_string()),
+    ]);
+    let dp = DataParallel::new(Box::new(SingleProcess));
+    let mut trainer = trainer::start(&a.run, &model, opt, set, &Value::Null, &meta, &dp)?;
+    let fresh = trainer.step() == 0;
+    let v0 = if fresh {
+        let v0 = held_out_loss(&model, &val_windows, batch)?;
+        println!("step 0: held-out loss {v0:.4} ({n_val} windows of {seq} tokens)");
+        Some(v0)
+    } else {
+        None
+    };
+    let mut task = LmFinetune {
+        model: &model,
+        train,
+        val_windows,
+        seq,
+        batch,
+        seed: a.seed,
+        lora: lora_config,
+        meta,
+        last: None,
+    };
     let t_train = Instant::now();
-    let mut t_window = Instant::now();
-    model.train();
-    for step in 1..=a.steps {
-        let rows: Vec<Vec<i64>> = (0..batch)
-            .map(|_| {
-                let s = gen.below((train.len() - seq) as u64) as usize;
-                train[s..s + seq].to_vec()
-            })
-            .collect();
-        let x = stack(&rows)?;
-        let l = causal_lm_loss(&model.forward(&x)?, &x)?;
-        opt.zero_grad();
-        l.backward()?;
-        if a.clip_grad_norm > 0.0 {
-            nerve_nn::clip_grad_norm(&params, a.clip_grad_norm)?;
-        }
-        opt.step()?;
-        let lv = l.item::<f32>()? as f64;
-        if !lv.is_finite() {
-            bail!("step {step}: the loss is {lv}; lower --lr");
-        }
-        recent += lv;
-        recent_n += 1;
-        pb.inc(1);
-        pb.set_message(format!("loss {lv:.3}"));
-        if step % a.eval_every == 0 || step == a.steps {
-            let tps = (recent_n * batch * seq) as f64 / t_window.elapsed().as_secs_f64();
-            val_loss = held_out_loss(&model, &val_windows, batch)?;
-            let train_loss = recent / recent_n as f64;
-            pb.suspend(|| {
-                println!(
-                    "step {step}: train loss {train_loss:.4}, held-out loss {val_loss:.4}, \
-                     {tps:.0} tokens/s"
-                )
-            });
-            metrics.push_str(&format!("{step},{train_loss},{val_loss},{lr},{tps}\n"));
-            save_lm(&model, lora_config.as_ref(), &out, &metrics)?;
-            (recent, recent_n) = (0.0, 0);
-            t_window = Instant::now();
-        }
+    trainer.fit(&mut task)?;
+    if let (Some(v0), Some(v)) = (v0, task.last) {
+        println!(
+            "held-out loss {v0:.4} -> {v:.4} after {} steps of {batch}x{seq} tokens in {:.0}s; peak memory {:.0} MiB",
+            a.steps,
+            t_train.elapsed().as_secs_f64(),
+            peak_rss_mb().unwrap_or(f64::NAN)
+        );
     }
-    pb.finish_and_clear();
-    println!(
-        "held-out loss {v0:.4} -> {val_loss:.4} after {} steps of {batch}x{seq} tokens in {:.0}s; peak memory {:.0} MiB",
-        a.steps,
-        t_train.elapsed().as_secs_f64(),
-        peak_rss_mb().unwrap_or(f64::NAN)
-    );
-    println!("saved to {}", out.display());
 
     // A sample from the adapted model.
     model.eval();
@@ -385,19 +373,70 @@ fn finetune_lm(a: &FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
-/// The adapter (PEFT files in `out/adapter`) or, fully fine-tuned, the whole state dict
-/// (`out/model.safetensors`, transformers' names), and the metrics.
-fn save_lm(model: &Llama, lora: Option<&LoraConfig>, out: &Path, metrics: &str) -> Result<()> {
-    match lora {
-        Some(c) => lora::save(model, c, out.join("adapter"))?,
-        None => save_safetensors(
-            out.join("model.safetensors"),
-            &model.state_dict(),
-            &HashMap::from([("format".to_string(), "pt".to_string())]),
-        )?,
+/// Causal language modelling on random windows of the training tokens (drawn from the seed
+/// and the step, so a resumed run draws the same); the loss on fixed held-out windows.
+struct LmFinetune<'a> {
+    model: &'a Llama,
+    train: &'a [i64],
+    val_windows: Vec<Vec<i64>>,
+    seq: usize,
+    batch: usize,
+    seed: u64,
+    /// The adapters' configuration (`None`: full fine-tuning).
+    lora: Option<LoraConfig>,
+    meta: HashMap<String, String>,
+    /// The latest held-out loss.
+    last: Option<f64>,
+}
+
+impl Task for LmFinetune<'_> {
+    fn micro_step(&mut self, step: usize, _micro: usize, n: usize) -> Result<MicroBatch> {
+        let mut gen = Generator::new(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64);
+        let rows: Vec<Vec<i64>> = (0..self.batch)
+            .map(|_| {
+                let s = gen.below((self.train.len() - self.seq) as u64) as usize;
+                self.train[s..s + self.seq].to_vec()
+            })
+            .collect();
+        let x = stack(&rows)?;
+        let l = causal_lm_loss(&self.model.forward(&x)?, &x)?;
+        trainer::backward_mean(&l, n, 1.0)?;
+        Ok(MicroBatch {
+            loss: l.item::<f32>()? as f64,
+            samples: self.batch * self.seq,
+            correct: None,
+        })
     }
-    write_atomic(&out.join("metrics.csv"), metrics.as_bytes())?;
-    Ok(())
+
+    fn micro_batches(&self, _step: usize) -> usize {
+        1
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        let v = held_out_loss(self.model, &self.val_windows, self.batch)?;
+        self.last = Some(v);
+        Ok(vec![("val_loss", v)])
+    }
+
+    fn meta(&self) -> HashMap<String, String> {
+        self.meta.clone()
+    }
+
+    fn throughput_key(&self) -> &'static str {
+        "tokens_per_s"
+    }
+
+    /// The adapter as PEFT saves it (`adapter/`, `best-adapter/`); fully fine-tuned, the
+    /// trainer's `model.safetensors` with transformers' names.
+    fn export(&self, dir: &Path, prefix: &str) -> Result<bool> {
+        match &self.lora {
+            Some(c) => {
+                lora::save(self.model, c, dir.join(format!("{prefix}adapter")))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
 
 /// Labelled sentences of a `label<TAB>text` file with that header.
@@ -456,10 +495,10 @@ fn classify_eval(
 }
 
 fn finetune_classifier(a: &FinetuneArgs) -> Result<()> {
-    let dir = if a.model.as_os_str() == "minilm" {
+    let dir = if a.model().as_os_str() == "minilm" {
         crate::embed::model_dir(None)?
     } else {
-        crate::embed::model_dir(Some(&a.model))?
+        crate::embed::model_dir(Some(a.model()))?
     };
     let (bert, tok) = nerve_models::load_sentence_encoder(&dir)?;
     let (rows, name) = read_labelled(a.data.as_deref())?;
@@ -504,76 +543,155 @@ fn finetune_classifier(a: &FinetuneArgs) -> Result<()> {
     }
     print_trainable(&model);
     let lr = a.lr.unwrap_or(if a.full { 5e-5 } else { 1e-3 });
-    let params = model.trainable_parameters();
-    let mut opt = Adam::adamw(params.clone(), lr, a.weight_decay);
+    let opt = Box::new(Adam::adamw(
+        model.trainable_parameters(),
+        lr,
+        a.weight_decay,
+    ));
     let batch = a.batch_size.unwrap_or(16);
-    let (acc0, loss0) = classify_eval(&model, &tok, test, 64)?;
-    println!(
-        "epoch 0: held-out accuracy {:.1}% (loss {loss0:.4})",
-        100.0 * acc0
-    );
-    let out = a.out();
-    let t0 = Instant::now();
-    let mut metrics = format!("epoch,train_loss,val_loss,val_accuracy\n0,,{loss0},{acc0}\n");
-    let mut acc = acc0;
-    model.train();
-    for epoch in 1..=a.epochs {
-        let perm = gen.permutation(train.len());
-        let mut total = 0.0;
-        for chunk in perm.chunks(batch) {
-            let sentences: Vec<&str> = chunk.iter().map(|&i| train[i].0).collect();
-            let y = Tensor::from_vec(
-                chunk.iter().map(|&i| train[i].1).collect::<Vec<_>>(),
-                [chunk.len()],
-            )?;
-            let inputs = model.bert.tokenize(&tok, &sentences)?;
-            let l = loss::cross_entropy(&model.forward_inputs(&inputs)?, &y, &Default::default())?;
-            opt.zero_grad();
-            l.backward()?;
-            if a.clip_grad_norm > 0.0 {
-                nerve_nn::clip_grad_norm(&params, a.clip_grad_norm)?;
-            }
-            opt.step()?;
-            total += l.item::<f32>()? as f64 * chunk.len() as f64;
-        }
-        let train_loss = total / train.len() as f64;
-        let (val_acc, val_loss) = classify_eval(&model, &tok, test, 64)?;
-        acc = val_acc;
+    let steps_per_epoch = train.len().div_ceil(batch);
+    let mut set = a.run.settings(
+        a.epochs * steps_per_epoch,
+        steps_per_epoch,
+        a.clip_grad_norm,
+        lr,
+        LrSchedule::Constant,
+    )?;
+    set.trainable_only = true;
+    let meta = HashMap::from([
+        ("nerve.model".to_string(), "finetune-classifier".to_string()),
+        ("nerve.base".to_string(), dir.display().to_string()),
+        ("nerve.data".to_string(), name.clone()),
+        ("labels".to_string(), labels.join("\n")),
+    ]);
+    let dp = DataParallel::new(Box::new(SingleProcess));
+    let mut trainer = trainer::start(&a.run, &model, opt, set, &Value::Null, &meta, &dp)?;
+    let acc0 = if trainer.step() == 0 {
+        let (acc0, loss0) = classify_eval(&model, &tok, test, 64)?;
         println!(
-            "epoch {epoch}: train loss {train_loss:.4}, held-out loss {val_loss:.4}, accuracy {:.1}%",
-            100.0 * val_acc
+            "epoch 0: held-out accuracy {:.1}% (loss {loss0:.4})",
+            100.0 * acc0
         );
-        metrics.push_str(&format!("{epoch},{train_loss},{val_loss},{val_acc}\n"));
+        Some(acc0)
+    } else {
+        None
+    };
+    let mut task = ClassifierFinetune {
+        model: &model,
+        tok: &tok,
+        train,
+        test,
+        batch,
+        steps_per_epoch,
+        seed: a.seed,
+        order: None,
+        lora: lora_config,
+        meta,
+        last: None,
+    };
+    let t0 = Instant::now();
+    trainer.fit(&mut task)?;
+    if let (Some(acc0), Some(acc)) = (acc0, task.last) {
+        println!(
+            "held-out accuracy {:.1}% -> {:.1}% on {} sentences after {} epochs in {:.0}s",
+            100.0 * acc0,
+            100.0 * acc,
+            test.len(),
+            a.epochs,
+            t0.elapsed().as_secs_f64(),
+        );
     }
-    // Save: the adapter (PEFT files) or the encoder, and the head with the label names.
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let meta = HashMap::from([("labels".to_string(), labels.join("\n"))]);
-    match &lora_config {
-        Some(c) => {
-            lora::save(&model, c, out.join("adapter"))?;
-            let head = vec![
-                (
-                    "classifier.weight".to_string(),
-                    model.classifier.weight.clone(),
-                ),
-                (
-                    "classifier.bias".to_string(),
-                    model.classifier.bias.clone().context("head bias")?,
-                ),
-            ];
-            save_safetensors(out.join("classifier.safetensors"), &head, &meta)?;
-        }
-        None => save_safetensors(out.join("model.safetensors"), &model.state_dict(), &meta)?,
-    }
-    write_atomic(&out.join("metrics.csv"), metrics.as_bytes())?;
-    println!(
-        "held-out accuracy {:.1}% -> {:.1}% on {} sentences after {} epochs in {:.0}s; saved to {}",
-        100.0 * acc0,
-        100.0 * acc,
-        test.len(),
-        a.epochs,
-        t0.elapsed().as_secs_f64(),
-        out.display()
-    );
     Ok(())
+}
+
+/// A sentence classifier on labelled sentences: a seeded shuffle each epoch, the held-out
+/// loss and accuracy at each evaluation.
+struct ClassifierFinetune<'a> {
+    model: &'a BertClassifier,
+    tok: &'a nerve_data::Tokenizer,
+    train: &'a [(&'a str, i64)],
+    test: &'a [(&'a str, i64)],
+    batch: usize,
+    steps_per_epoch: usize,
+    seed: u64,
+    /// The epoch whose order is drawn, and that order.
+    order: Option<(usize, Vec<usize>)>,
+    /// The adapters' configuration (`None`: full fine-tuning).
+    lora: Option<LoraConfig>,
+    meta: HashMap<String, String>,
+    /// The latest held-out accuracy.
+    last: Option<f64>,
+}
+
+impl Task for ClassifierFinetune<'_> {
+    fn micro_step(&mut self, step: usize, _micro: usize, n: usize) -> Result<MicroBatch> {
+        let (epoch, b) = (step / self.steps_per_epoch, step % self.steps_per_epoch);
+        if !matches!(&self.order, Some((e, _)) if *e == epoch) {
+            let mut gen = Generator::new(self.seed.wrapping_add(1 + epoch as u64));
+            self.order = Some((epoch, gen.permutation(self.train.len())));
+        }
+        let (_, order) = self.order.as_ref().expect("drawn above");
+        let rows = &order[b * self.batch..((b + 1) * self.batch).min(order.len())];
+        let sentences: Vec<&str> = rows.iter().map(|&i| self.train[i].0).collect();
+        let y = Tensor::from_vec(
+            rows.iter().map(|&i| self.train[i].1).collect::<Vec<_>>(),
+            [rows.len()],
+        )?;
+        let inputs = self.model.bert.tokenize(self.tok, &sentences)?;
+        let logits = self.model.forward_inputs(&inputs)?;
+        let l = loss::cross_entropy(&logits, &y, &Default::default())?;
+        trainer::backward_mean(&l, n, 1.0)?;
+        let pred: Vec<i64> = logits.argmax(-1, false)?.to_vec()?;
+        let y: Vec<i64> = y.to_vec()?;
+        Ok(MicroBatch {
+            loss: l.item::<f32>()? as f64,
+            samples: rows.len(),
+            correct: Some(pred.iter().zip(&y).filter(|(p, t)| p == t).count()),
+        })
+    }
+
+    fn micro_batches(&self, _step: usize) -> usize {
+        1
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        let (acc, loss) = classify_eval(self.model, self.tok, self.test, 64)?;
+        self.last = Some(acc);
+        Ok(vec![("val_loss", loss), ("val_accuracy", acc)])
+    }
+
+    fn epoch(&self, steps: usize) -> Option<f64> {
+        Some(steps as f64 / self.steps_per_epoch as f64)
+    }
+
+    fn meta(&self) -> HashMap<String, String> {
+        self.meta.clone()
+    }
+
+    /// The adapter as PEFT saves it and the head with the label names (`adapter/` and
+    /// `classifier.safetensors`, or `best-…`); fully fine-tuned, the trainer's
+    /// `model.safetensors` (with the labels in its metadata).
+    fn export(&self, dir: &Path, prefix: &str) -> Result<bool> {
+        let Some(c) = &self.lora else {
+            return Ok(false);
+        };
+        lora::save(self.model, c, dir.join(format!("{prefix}adapter")))?;
+        let head = vec![
+            (
+                "classifier.weight".to_string(),
+                self.model.classifier.weight.clone(),
+            ),
+            (
+                "classifier.bias".to_string(),
+                self.model.classifier.bias.clone().context("head bias")?,
+            ),
+        ];
+        let meta = HashMap::from([("labels".to_string(), self.meta["labels"].clone())]);
+        save_safetensors(
+            dir.join(format!("{prefix}classifier.safetensors")),
+            &head,
+            &meta,
+        )?;
+        Ok(true)
+    }
 }

@@ -133,7 +133,7 @@ pub fn train(a: &TrainArgs, dp: &DataParallel) -> Result<()> {
         ("nerve.seed".to_string(), a.seed.to_string()),
         ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
     ]);
-    let mut trainer = trainer::start(a, net, opt, set, &config, &meta, dp)?;
+    let mut trainer = trainer::start(&a.run, net, opt, set, &config, &meta, dp)?;
     a.say(&format!(
         "training {} ({} parameters, config {config}) on {data_name} ({} train / {} held-out characters, vocabulary {}) for {steps} steps of {batch}×{seq} tokens, {:?} lr {}",
         a.model.name(),

@@ -31,7 +31,7 @@ use nerve_nn::loss::{self, CrossEntropyOptions, Reduction};
 use nerve_nn::{load_model, Adagrad, Adam, LrSchedule, Module, ModuleExt, Optimizer, RmsProp, Sgd};
 
 use crate::models::ModelKind;
-use crate::trainer::{OnNonFinite, Settings, Verbosity};
+use crate::trainer::{RunOptions, Settings};
 
 /// mimalloc keeps freed blocks for reuse, so the tensors of every step cost no page faults
 /// (measured: the `cnn` step 37 → 18 ms, `add-16m` 4× faster than with glibc's allocator).
@@ -91,6 +91,7 @@ enum Cmd {
     Embed(embed::EmbedArgs),
     /// Adapt a pretrained model with LoRA adapters or fully: SmolLM2 on a text, MiniLM with a
     /// classification head on labelled sentences.
+    #[command(args_override_self = true)]
     Finetune(finetune::FinetuneArgs),
     /// Data sets.
     Data {
@@ -180,39 +181,6 @@ struct TrainArgs {
     /// Language models: tokens per training window (default: 64 for lstm/gru, 128 else).
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Evaluate on the held-out data every this many optimizer steps, and at the end
-    /// (default: once per epoch for classifiers, 250 steps for language models, 500 for ddpm).
-    #[arg(long)]
-    eval_every: Option<usize>,
-    /// Write a checkpoint every this many steps (default: at every evaluation), and at the
-    /// end.
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-    /// Step checkpoints kept in RUN/checkpoints (the newest).
-    #[arg(long, default_value_t = 3)]
-    keep_checkpoints: usize,
-    /// Write a `train` record (loss, learning rate, gradient norm, throughput) to
-    /// metrics.jsonl every this many steps.
-    #[arg(long, default_value_t = 10)]
-    log_every: usize,
-    /// The metric that picks best.safetensors and drives --early-stopping: val_loss,
-    /// val_accuracy (classifiers) or loss (the training loss).
-    #[arg(long, default_value = "val_loss")]
-    monitor: String,
-    /// Stop when --monitor has not improved for this many evaluations.
-    #[arg(long, value_name = "PATIENCE")]
-    early_stopping: Option<usize>,
-    /// The least change of --monitor that counts as an improvement.
-    #[arg(long, default_value_t = 0.0)]
-    min_delta: f64,
-    /// On a NaN or infinite loss or gradient: stop (keeping the last good checkpoint) or
-    /// skip the step.
-    #[arg(long, value_enum, default_value_t = OnNonFinite::Stop)]
-    on_nonfinite: OnNonFinite,
-    /// Stop once this many optimizer steps are done, with a checkpoint, as if interrupted
-    /// (continue with --resume).
-    #[arg(long)]
-    stop_after: Option<usize>,
     /// Language models: held-out windows in each evaluation.
     #[arg(long, default_value_t = 128)]
     eval_windows: usize,
@@ -249,38 +217,17 @@ struct TrainArgs {
     /// Seed for initialisation, shuffling, dropout and the validation split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output folder for the checkpoint and metrics (default: runs/<model>-<data>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue the run in RUN (default: --out) from its newest checkpoint, with the
-    /// arguments it was started with; arguments given here override them (e.g. more
-    /// --epochs or --steps).
-    #[arg(long, value_name = "RUN", num_args = 0..=1)]
-    resume: Option<Option<PathBuf>>,
-    /// No progress bar or progress lines.
-    #[arg(long)]
-    no_progress: bool,
-    /// Print only the final result and errors.
-    #[arg(long, conflicts_with = "json")]
-    quiet: bool,
-    /// Print every metrics record as a JSON line on stdout (and nothing else there).
-    #[arg(long)]
-    json: bool,
     /// Data-parallel training over MPI, one process per rank: `mpirun -np 2 nerve train
     /// --distributed …`. --batch-size is per rank; rank 0 writes the run folder. Needs a
     /// nerve built with `--features mpi`.
     #[arg(long)]
     distributed: bool,
-    /// The arguments of this run as `nerve train` takes them (stored in config.json for
-    /// --resume).
-    #[arg(skip)]
-    command: Vec<String>,
-    /// The number of ranks the run started with (from config.json when resuming).
-    #[arg(skip)]
-    started_world: Option<usize>,
     /// This process's part of each batch.
     #[arg(skip)]
     shard: Shard,
+    /// The run folder's options.
+    #[command(flatten)]
+    run: RunOptions,
 }
 
 impl TrainArgs {
@@ -300,7 +247,7 @@ impl TrainArgs {
     /// another number of ranks keeps its batches.
     fn global_batch(&self, default: usize) -> Result<usize> {
         let per_rank = self.batch_size.unwrap_or(default);
-        let started = self.started_world.unwrap_or(self.shard.world);
+        let started = self.run.started_world.unwrap_or(self.shard.world);
         let global = per_rank * started;
         if !global.is_multiple_of(self.shard.world) {
             bail!(
@@ -314,7 +261,7 @@ impl TrainArgs {
 
     /// The run folder: given, or `runs/<model>-<data>`.
     fn out(&self) -> PathBuf {
-        self.out.clone().unwrap_or_else(|| {
+        self.run.out.clone().unwrap_or_else(|| {
             let data = self.data();
             let d = Path::new(&data)
                 .file_stem()
@@ -345,45 +292,18 @@ impl TrainArgs {
         clip: f64,
         warmup: usize,
     ) -> Result<Settings> {
-        let eval_every = self.eval_every.unwrap_or(eval_every);
-        let checkpoint_every = self.checkpoint_every.unwrap_or(eval_every);
-        if eval_every == 0 || checkpoint_every == 0 || self.log_every == 0 {
-            bail!("--eval-every, --checkpoint-every and --log-every must be at least 1");
-        }
-        if !["val_loss", "val_accuracy", "loss"].contains(&self.monitor.as_str()) {
-            bail!(
-                "--monitor {}: not val_loss, val_accuracy or loss",
-                self.monitor
-            );
-        }
-        Ok(Settings {
+        self.run.settings(
             steps,
             eval_every,
-            checkpoint_every,
-            keep: self.keep_checkpoints,
-            log_every: self.log_every,
-            clip: self.clip_grad_norm.unwrap_or(clip),
-            lr: self.lr,
-            schedule: self.schedule(steps, warmup),
-            monitor: self.monitor.clone(),
-            patience: self.early_stopping,
-            min_delta: self.min_delta,
-            on_nonfinite: self.on_nonfinite,
-            stop_after: self.stop_after,
-            verbosity: if self.json {
-                Verbosity::Json
-            } else if self.quiet {
-                Verbosity::Quiet
-            } else {
-                Verbosity::Normal
-            },
-            progress: !self.no_progress,
-        })
+            self.clip_grad_norm.unwrap_or(clip),
+            self.lr,
+            self.schedule(steps, warmup),
+        )
     }
 
     /// Human lines before training starts (not with --quiet or --json).
     fn say(&self, line: &str) {
-        if !self.quiet && !self.json && self.shard.rank == 0 {
+        if !self.run.quiet && !self.run.json && self.shard.rank == 0 {
             println!("{line}");
         }
     }
@@ -477,7 +397,7 @@ fn main() {
         Cmd::Sample(a) => diffusion::sample(a),
         Cmd::Classify(a) => classify::run(&a),
         Cmd::Embed(a) => embed::run(&a),
-        Cmd::Finetune(a) => finetune::run(&a),
+        Cmd::Finetune(a) => with_command(a).and_then(|a| finetune::run(&a)),
         Cmd::Data {
             cmd: DataCmd::Get { name },
         } => {
@@ -533,13 +453,13 @@ fn share_cores_with_local_ranks() {
     }
 }
 
-/// The arguments after `train` on this process's command line.
-fn train_argv() -> Vec<String> {
+/// The arguments after the subcommand `name` on this process's command line.
+fn command_argv(name: &str) -> Vec<String> {
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
-            "train" => return args[i + 1..].to_vec(),
+            a if a == name => return args[i + 1..].to_vec(),
             "--threads" => i += 2,
             _ => i += 1,
         }
@@ -584,13 +504,57 @@ fn run_command(argv: &[String], out: &Path) -> Vec<String> {
     kept
 }
 
-/// Fill in `a.command` (the arguments to store with the run); for `--resume`, first re-read
+/// A command that writes a resumable run folder: `nerve train`, `nerve finetune`.
+trait RunCommand: Sized {
+    /// The subcommand.
+    const NAME: &'static str;
+    /// Its run options.
+    fn run_mut(&mut self) -> &mut RunOptions;
+    /// The run folder: --out or the default.
+    fn out(&self) -> PathBuf;
+    /// These arguments out of a parsed command line.
+    fn from_cmd(cmd: Cmd) -> Option<Self>;
+}
+
+impl RunCommand for TrainArgs {
+    const NAME: &'static str = "train";
+    fn run_mut(&mut self) -> &mut RunOptions {
+        &mut self.run
+    }
+    fn out(&self) -> PathBuf {
+        TrainArgs::out(self)
+    }
+    fn from_cmd(cmd: Cmd) -> Option<Self> {
+        match cmd {
+            Cmd::Train(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl RunCommand for finetune::FinetuneArgs {
+    const NAME: &'static str = "finetune";
+    fn run_mut(&mut self) -> &mut RunOptions {
+        &mut self.run
+    }
+    fn out(&self) -> PathBuf {
+        finetune::FinetuneArgs::out(self)
+    }
+    fn from_cmd(cmd: Cmd) -> Option<Self> {
+        match cmd {
+            Cmd::Finetune(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Fill in `a.run.command` (the arguments to store with the run); for `--resume`, first re-read
 /// the arguments the run was started with from its config.json, overridden by those given
 /// now.
-fn with_command(a: TrainArgs) -> Result<TrainArgs> {
-    let now = train_argv();
-    let mut a = match &a.resume {
-        None => a,
+fn with_command<A: RunCommand>(mut a: A) -> Result<A> {
+    let now = command_argv(A::NAME);
+    match a.run_mut().resume.clone() {
+        None => {}
         Some(run) => {
             let dir = run.clone().unwrap_or_else(|| a.out());
             let file = dir.join("config.json");
@@ -612,7 +576,7 @@ fn with_command(a: TrainArgs) -> Result<TrainArgs> {
                         file.display()
                     )
                 })?;
-            let mut argv = vec!["nerve".to_string(), "train".to_string()];
+            let mut argv = vec!["nerve".to_string(), A::NAME.to_string()];
             argv.extend(stored);
             argv.extend(now.iter().cloned());
             argv.extend(["--out".to_string(), dir.display().to_string()]);
@@ -622,20 +586,22 @@ fn with_command(a: TrainArgs) -> Result<TrainArgs> {
                     file.display()
                 )
             })?;
-            let Cmd::Train(mut b) = cli.cmd else {
-                unreachable!("parsed as `train`")
-            };
-            b.started_world = cfg
+            let mut b = A::from_cmd(cli.cmd).expect("parsed as the same command");
+            let run = b.run_mut();
+            run.started_world = cfg
                 .get("world_size")
                 .and_then(serde_json::Value::as_u64)
                 .map(|w| w as usize);
-            b.distributed = a.distributed;
-            b.command = run_command(&argv[2..], &dir);
-            b.resume = Some(Some(dir));
+            run.command = run_command(&argv[2..], &dir);
+            run.resume = Some(Some(dir));
+            run.name = A::NAME;
             return Ok(b);
         }
-    };
-    a.command = run_command(&now, &a.out());
+    }
+    let out = a.out();
+    a.run_mut().command = run_command(&now, &out);
+    a.run_mut().out = Some(out);
+    a.run_mut().name = A::NAME;
     Ok(a)
 }
 
@@ -657,7 +623,14 @@ fn evaluate(
     progress: bool,
 ) -> Result<Scores> {
     model.eval();
-    let k = classes.max(ds.num_classes());
+    if ds.num_classes() > classes {
+        bail!(
+            "the data has {} classes (labels up to {}) but the model has {classes} outputs",
+            ds.num_classes(),
+            ds.num_classes() - 1
+        );
+    }
+    let k = classes;
     let mut s = Scores {
         loss: 0.0,
         correct: 0,
@@ -843,7 +816,7 @@ fn train_in(a: TrainArgs, dp: &DataParallel) -> Result<()> {
         ("nerve.seed".to_string(), a.seed.to_string()),
         ("nerve.val_fraction".to_string(), a.val_fraction.to_string()),
     ]);
-    let mut trainer = trainer::start(&a, model, opt, set, &config, &meta, dp)?;
+    let mut trainer = trainer::start(&a.run, model, opt, set, &config, &meta, dp)?;
     a.say(&format!(
         "training {} ({} parameters) on {} ({} train / {} validation samples of {:?}, {classes} classes) for {epochs} epochs ({} steps), {:?} lr {}, batch {}",
         a.model.name(),

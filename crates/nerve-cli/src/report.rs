@@ -744,6 +744,39 @@ pub fn run(a: &ReportArgs) -> Result<()> {
         .unwrap_or_else(|| "val_loss".to_string());
     let final_metrics =
         FinalMetrics::from_records(&records, &monitor, monitor.contains("accuracy"));
+    let mut input = ReportInput {
+        run_dir: dir.clone(),
+        config,
+        records,
+        plots,
+        final_metrics,
+        ..Default::default()
+    };
+    let run_model = input
+        .config
+        .get("model")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if run_model.starts_with("finetune") {
+        // `nerve finetune` (adapters over a pretrained model): metrics and plots.
+        input.model = run_model;
+    } else {
+        add_model_section(&mut input, a, dir)?;
+    }
+    let (body, name) = match a.format {
+        Format::Md => (render_markdown(&input), "report.md"),
+        Format::Html => (render_html(&input), "report.html"),
+    };
+    let out = a.out.clone().unwrap_or_else(|| dir.join(name));
+    write_atomic(&out, body.as_bytes())?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// The model's part of the report: a confusion matrix on the test split (classifiers, from
+/// the best weights if any, else the latest) or the samples (generative models).
+fn add_model_section(input: &mut ReportInput, a: &ReportArgs, dir: &Path) -> Result<()> {
     // The best weights if there are any, else the latest.
     let file = [dir.join("best.safetensors"), dir.join("model.safetensors")]
         .into_iter()
@@ -751,15 +784,7 @@ pub fn run(a: &ReportArgs) -> Result<()> {
         .with_context(|| format!("{}: no model.safetensors", dir.display()))?;
     let (_, meta) = load_safetensors(&file)?;
     let kind = crate::checkpoint_kind(&meta, &file)?;
-    let mut input = ReportInput {
-        run_dir: dir.clone(),
-        model: kind.name().to_string(),
-        config,
-        records,
-        plots,
-        final_metrics,
-        ..Default::default()
-    };
+    input.model = kind.name().to_string();
     if kind == ModelKind::Ddpm {
         input.sample_image = Some(dir.join("samples.png")).filter(|p| p.is_file());
     } else if kind.is_lm() {
@@ -787,13 +812,6 @@ pub fn run(a: &ReportArgs) -> Result<()> {
             class_names: None,
         });
     }
-    let (body, name) = match a.format {
-        Format::Md => (render_markdown(&input), "report.md"),
-        Format::Html => (render_html(&input), "report.html"),
-    };
-    let out = a.out.clone().unwrap_or_else(|| dir.join(name));
-    write_atomic(&out, body.as_bytes())?;
-    println!("{}", out.display());
     Ok(())
 }
 

@@ -80,6 +80,13 @@ pub trait Task {
     fn throughput_key(&self) -> &'static str {
         "samples_per_s"
     }
+    /// Write the model's own files into the run folder `dir`, their names starting with
+    /// `prefix` (`""` for the latest weights, `"best-"` for the best), and return `true`; or
+    /// return `false` to have the trainer write `model.safetensors` / `best.safetensors`
+    /// (the whole state dict and [`Task::meta`]).
+    fn export(&self, _dir: &Path, _prefix: &str) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Backward of the loss of one of `n` micro-batches of a step (divided by `n`, so the step's
@@ -120,6 +127,131 @@ pub enum OnNonFinite {
 /// Steps skipped in a row after which a `skip` run stops anyway.
 const MAX_SKIPS_IN_A_ROW: usize = 10;
 
+/// The options of a run folder, shared by `nerve train` and `nerve finetune`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunOptions {
+    /// Evaluate on the held-out data every this many optimizer steps, and at the end
+    /// (default: once per epoch for classifiers, 250 steps for language models, 500 for ddpm,
+    /// 50 for `nerve finetune`).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every this many steps (default: at every evaluation), and at the
+    /// end.
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Step checkpoints kept in RUN/checkpoints (the newest).
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// Write a `train` record (loss, learning rate, gradient norm, throughput) to
+    /// metrics.jsonl every this many steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    /// The metric that picks best.safetensors and drives --early-stopping: val_loss,
+    /// val_accuracy (classifiers) or loss (the training loss).
+    #[arg(long, default_value = "val_loss")]
+    pub monitor: String,
+    /// Stop when --monitor has not improved for this many evaluations.
+    #[arg(long, value_name = "PATIENCE")]
+    pub early_stopping: Option<usize>,
+    /// The least change of --monitor that counts as an improvement.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_delta: f64,
+    /// On a NaN or infinite loss or gradient: stop (keeping the last good checkpoint) or
+    /// skip the step.
+    #[arg(long, value_enum, default_value_t = OnNonFinite::Stop)]
+    pub on_nonfinite: OnNonFinite,
+    /// Stop once this many optimizer steps are done, with a checkpoint, as if interrupted
+    /// (continue with --resume).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// The run folder (default: runs/<model>-<data>; `nerve finetune`: runs/finetune-<model>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in RUN (default: --out) from its newest checkpoint, with the
+    /// arguments it was started with; arguments given here override them (e.g. more
+    /// --epochs or --steps).
+    #[arg(long, value_name = "RUN", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// No progress bar or progress lines.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print only the final result and errors.
+    #[arg(long, conflicts_with = "json")]
+    pub quiet: bool,
+    /// Print every metrics record as a JSON line on stdout (and nothing else there).
+    #[arg(long)]
+    pub json: bool,
+    /// The arguments of this run as its command takes them (stored in config.json for
+    /// --resume).
+    #[arg(skip)]
+    pub command: Vec<String>,
+    /// The number of ranks the run started with (from config.json when resuming).
+    #[arg(skip)]
+    pub started_world: Option<usize>,
+    /// The command (`train`, `finetune`), for messages.
+    #[arg(skip)]
+    pub name: &'static str,
+}
+
+impl RunOptions {
+    /// The loop settings for `steps` optimizer steps at learning rate `lr` with `schedule`
+    /// (`eval_every` is the model's default unless given; gradients clipped to `clip`).
+    pub fn settings(
+        &self,
+        steps: usize,
+        eval_every: usize,
+        clip: f64,
+        lr: f64,
+        schedule: LrSchedule,
+    ) -> Result<Settings> {
+        let eval_every = self.eval_every.unwrap_or(eval_every);
+        let checkpoint_every = self.checkpoint_every.unwrap_or(eval_every);
+        if eval_every == 0 || checkpoint_every == 0 || self.log_every == 0 {
+            bail!("--eval-every, --checkpoint-every and --log-every must be at least 1");
+        }
+        if !["val_loss", "val_accuracy", "loss"].contains(&self.monitor.as_str()) {
+            bail!(
+                "--monitor {}: not val_loss, val_accuracy or loss",
+                self.monitor
+            );
+        }
+        Ok(Settings {
+            steps,
+            eval_every,
+            checkpoint_every,
+            keep: self.keep_checkpoints,
+            log_every: self.log_every,
+            clip,
+            lr,
+            schedule,
+            monitor: self.monitor.clone(),
+            patience: self.early_stopping,
+            min_delta: self.min_delta,
+            on_nonfinite: self.on_nonfinite,
+            stop_after: self.stop_after,
+            verbosity: self.verbosity(),
+            progress: !self.no_progress,
+            trainable_only: false,
+            command: if self.name.is_empty() {
+                "train"
+            } else {
+                self.name
+            },
+        })
+    }
+
+    /// `--json`, `--quiet` or neither.
+    pub fn verbosity(&self) -> Verbosity {
+        if self.json {
+            Verbosity::Json
+        } else if self.quiet {
+            Verbosity::Quiet
+        } else {
+            Verbosity::Normal
+        }
+    }
+}
+
 /// The settings of the loop (from `nerve train`'s arguments).
 pub struct Settings {
     /// Optimizer steps in the whole run.
@@ -152,6 +284,11 @@ pub struct Settings {
     pub verbosity: Verbosity,
     /// A progress bar (terminal) or progress lines (otherwise).
     pub progress: bool,
+    /// Checkpoints hold only the trainable parameters (fine-tuning: the frozen rest is
+    /// rebuilt from the pretrained file).
+    pub trainable_only: bool,
+    /// The `nerve` command that resumes the run (`train`, `finetune`).
+    pub command: &'static str,
 }
 
 /// A run stopped by a signal: `main` exits with status 128 + the signal number.
@@ -513,8 +650,22 @@ impl<'a> Trainer<'a> {
                 bail!("{}: unexpected tensor `{name}`", path.display());
             }
         }
+        if self.set.trainable_only {
+            // Only the trained parameters: the rest comes from the pretrained model.
+            if let Some((name, _)) = self
+                .net
+                .named_parameters()
+                .into_iter()
+                .find(|(n, t)| t.requires_grad() && !model.contains_key(n))
+            {
+                bail!(
+                    "{}: no `model/{name}`, which this run trains",
+                    path.display()
+                );
+            }
+        }
         self.net
-            .load_state_dict(&model, true)
+            .load_state_dict(&model, !self.set.trainable_only)
             .with_context(|| format!("{}: the model", path.display()))?;
         self.opt
             .load_state_dict(&optim)
@@ -534,9 +685,16 @@ impl<'a> Trainer<'a> {
         }
         let mut meta = task.meta();
         meta.insert("nerve.step".into(), step.to_string());
-        let mut tensors: Vec<(String, Tensor)> = self
-            .net
-            .state_dict()
+        let model = if self.set.trainable_only {
+            self.net
+                .named_parameters()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect()
+        } else {
+            self.net.state_dict()
+        };
+        let mut tensors: Vec<(String, Tensor)> = model
             .into_iter()
             .map(|(n, t)| (format!("model/{n}"), t))
             .collect();
@@ -552,7 +710,9 @@ impl<'a> Trainer<'a> {
         full.insert("nerve.lr".into(), self.opt.lr().to_string());
         let path = self.run.checkpoint(step);
         save_safetensors(&path, &tensors, &full)?;
-        save_safetensors(self.run.model(), &self.net.state_dict(), &meta)?;
+        if !task.export(&self.run.dir, "")? {
+            save_safetensors(self.run.model(), &self.net.state_dict(), &meta)?;
+        }
         let cks = self.run.step_checkpoints();
         let extra = cks.len().saturating_sub(self.set.keep.max(1));
         for (_, old) in cks.iter().take(extra) {
@@ -838,7 +998,9 @@ impl<'a> Trainer<'a> {
                     let mut meta = task.meta();
                     meta.insert("nerve.step".into(), step.to_string());
                     meta.insert(format!("nerve.{}", self.set.monitor), value.to_string());
-                    save_safetensors(self.run.best(), &self.net.state_dict(), &meta)?;
+                    if self.main() && !task.export(&self.run.dir, "best-")? {
+                        save_safetensors(self.run.best(), &self.net.state_dict(), &meta)?;
+                    }
                 } else {
                     self.state.since_best += 1;
                     if let (Some(p), Some((best, at))) = (self.set.patience, self.state.best) {
@@ -885,8 +1047,9 @@ impl<'a> Trainer<'a> {
         if let Some(reason) = &stop_reason {
             if self.state.step < total && !reason.starts_with("early") {
                 let msg = format!(
-                    "{reason}; checkpoint {} — continue with `nerve train --resume {}`",
+                    "{reason}; checkpoint {} — continue with `nerve {} --resume {}`",
                     self.run.checkpoint(self.state.step).display(),
+                    self.set.command,
                     self.run.dir.display()
                 );
                 if !self.main() {
@@ -1028,12 +1191,12 @@ const RUN_FILES: &[&str] = &[
     "report.html",
 ];
 
-/// Set up the run folder (`a.out()`) for training `net` with `opt` over the ranks of `dp`:
+/// Set up the run folder (`run.out`) for training `net` with `opt` over the ranks of `dp`:
 /// resume it (`--resume`, checking that the checkpoint's `meta` matches this model and data)
 /// or start afresh (replacing an earlier run's files); then write `config.json`. Only rank 0
 /// touches the folder.
 pub fn start<'a>(
-    a: &crate::TrainArgs,
+    run: &RunOptions,
     net: &'a dyn Module,
     opt: Box<dyn Optimizer + 'a>,
     set: Settings,
@@ -1041,9 +1204,9 @@ pub fn start<'a>(
     meta: &HashMap<String, String>,
     dp: &'a DataParallel,
 ) -> Result<Trainer<'a>> {
-    let out = &a.out();
+    let out = &run.out.clone().context("the run folder was not resolved")?;
     let mut t = Trainer::new(net, opt, out, set, dp);
-    if a.resume.is_some() {
+    if run.resume.is_some() {
         t.resume(|found, path| {
             for (k, v) in meta {
                 let f = found.get(k).map_or("(missing)", String::as_str);
@@ -1101,8 +1264,8 @@ pub fn start<'a>(
         "model": meta.get("nerve.model"),
         "data": meta.get("nerve.data"),
         "config": config,
-        "command": a.command,
-        "world_size": a.started_world.unwrap_or(dp.size()),
+        "command": run.command,
+        "world_size": run.started_world.unwrap_or(dp.size()),
     });
     write_atomic(
         &t.run.config(),

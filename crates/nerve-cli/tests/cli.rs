@@ -140,6 +140,34 @@ fn bad_input_gives_clear_errors() {
         &["train", "--model", "cnn", "--data", &d("ok.csv")],
         &["--model cnn", "image"],
     );
+    // A label that would make a 10^12-class model: refused, naming the file.
+    std::fs::write(dir.join("huge.csv"), "1,2,0\n3,4,999999999999\n").unwrap();
+    fails_naming(
+        &["train", "--model", "mlp", "--data", &d("huge.csv")],
+        &["huge.csv", "labels up to 999999999999"],
+    );
+    // More classes in the data than the model has outputs.
+    std::fs::write(dir.join("more.csv"), "1,2,0\n3,4,50\n").unwrap();
+    let small = dir.join("small");
+    let o = nerve(&[
+        "train",
+        "--model",
+        "mlp",
+        "--data",
+        &d("ok.csv"),
+        "--epochs",
+        "1",
+        "--monitor",
+        "loss",
+        "--out",
+        small.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    fails_naming(
+        &["eval", small.to_str().unwrap(), "--data", &d("more.csv")],
+        &["more.csv", "51 classes", "do not fit"],
+    );
     // A truncated IDX file.
     let mnist = dir.join("mnist");
     std::fs::create_dir_all(&mnist).unwrap();
@@ -562,10 +590,57 @@ fn finetune_minilm_classifier_with_lora() {
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
         "classifier.safetensors",
-        "metrics.csv",
+        "best-adapter/adapter_model.safetensors",
+        "best-classifier.safetensors",
+        "metrics.jsonl",
+        "loss.png",
     ] {
         assert!(out_dir.join(f).exists(), "{f} missing");
     }
+    // Step checkpoints hold only what trains (adapters, head) and the optimizer state.
+    let ck = std::fs::read_dir(out_dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .max()
+        .unwrap();
+    assert!(std::fs::metadata(&ck).unwrap().len() < 4_000_000, "{ck:?}");
+    // Stopped at step 20 of 42 and resumed, the run ends with the same adapter and head,
+    // bit for bit.
+    let resumed = tmp("finetune-minilm-resumed");
+    let args = [
+        "finetune",
+        "--model",
+        &dir,
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--out",
+        resumed.to_str().unwrap(),
+    ];
+    let o = nerve(&[&args[..], &["--stop-after", "20"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let o = nerve(&["finetune", "--resume", resumed.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(o.status.success() && t.contains("from step 20"), "{t}");
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "classifier.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(out_dir.join(f)).unwrap(),
+            std::fs::read(resumed.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    std::fs::remove_dir_all(&resumed).ok();
+    let o = nerve(&["report", out_dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("finetune-classifier") && md.contains(r"val\_accuracy"),
+        "{md}"
+    );
     // A labelled file without its header is refused, naming it.
     let bad = out_dir.join("bad.tsv");
     std::fs::write(&bad, "positive\tgood\n").unwrap();
