@@ -1088,11 +1088,14 @@ impl<'a> Trainer<'a> {
         }
         if self.set.verbosity != Verbosity::Json {
             let best = self.state.best.map_or(String::new(), |(v, at)| {
+                // A task that exports its own files (adapters) has no best.safetensors.
+                let file = Some(self.run.best())
+                    .filter(|f| f.is_file())
+                    .map_or(String::new(), |f| format!(" ({})", f.display()));
                 format!(
-                    "; best {} {} at step {at} ({})",
+                    "; best {} {} at step {at}{file}",
                     self.set.monitor,
                     format_metric("", v).trim(),
-                    self.run.best().display()
                 )
             });
             println!(
