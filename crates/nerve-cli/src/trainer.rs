@@ -572,7 +572,10 @@ impl<'a> Trainer<'a> {
         &mut self,
         meta_check: impl Fn(&HashMap<String, String>, &Path) -> Result<()>,
     ) -> Result<()> {
-        self.run.remove_temporaries();
+        if self.main() {
+            // (Only rank 0 writes the folder: another rank would delete its files in flight.)
+            self.run.remove_temporaries();
+        }
         let cks = self.run.step_checkpoints();
         if cks.is_empty() {
             bail!(
