@@ -131,8 +131,8 @@ const MAX_SKIPS_IN_A_ROW: usize = 10;
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunOptions {
     /// Evaluate on the held-out data every this many optimizer steps, and at the end
-    /// (default: once per epoch for classifiers, 250 steps for language models, 500 for ddpm,
-    /// 50 for `nerve finetune`).
+    /// (default: once per epoch for classifiers, 250 steps for language models, 500 for ddpm;
+    /// `nerve finetune`: 50 steps for language models, once per epoch for classifiers).
     #[arg(long)]
     pub eval_every: Option<usize>,
     /// Write a checkpoint every this many steps (default: at every evaluation), and at the
