@@ -720,6 +720,16 @@ fn meta_get<'a>(meta: &'a HashMap<String, String>, key: &str, file: &Path) -> Re
 
 /// `nerve train`: in a process group of one, or of `mpirun`'s ranks with --distributed.
 fn train(mut a: TrainArgs) -> Result<()> {
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+        .unwrap_or(1);
+    if launched > 1 && !a.distributed {
+        bail!(
+            "started as one of {launched} MPI ranks without --distributed: each rank would train \
+             alone and write the same run folder; add --distributed"
+        );
+    }
     let dp = DataParallel::new(nerve_distributed::init(a.distributed)?);
     a.shard = Shard {
         rank: dp.rank(),

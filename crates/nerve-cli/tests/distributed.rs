@@ -241,6 +241,21 @@ fn a_run_resumes_on_another_number_of_ranks() {
         let evals = metrics.lines().filter(|l| l.contains("\"eval\"")).count();
         assert_eq!(evals, 4, "{metrics}");
     }
+    // Two ranks without --distributed would train alone into one folder: refused.
+    let o = mpirun(2)
+        .args([
+            "train",
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+            "--out",
+            s(&dir.join("alone")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("without --distributed"), "{}", text(&o));
     // A batch that does not divide among the ranks is refused, naming both.
     let c = dir.join("odd");
     run(
