@@ -89,6 +89,25 @@ fn corpus(dir: &Path) -> PathBuf {
     p
 }
 
+/// `nerve train` of a small LSTM on `data` for 20 steps, evaluating every `eval_every`.
+fn lstm_args<'a>(data: &'a Path, eval_every: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        "lstm",
+        "--data",
+        s(data),
+        "--seq-len",
+        "24",
+        "--steps",
+        "20",
+        "--eval-every",
+        eval_every,
+        "--eval-windows",
+        "4",
+    ]
+}
+
 /// The largest relative difference `‖a − b‖ / ‖b‖` over the tensors of two model files.
 fn max_relative_difference(a: &Path, b: &Path) -> f64 {
     let (ta, _) = load_safetensors(a).unwrap();
@@ -127,25 +146,7 @@ fn two_ranks_with_batch_b_equal_one_process_with_batch_2b() {
             ],
             "16",
         ),
-        (
-            "lstm",
-            vec![
-                "train",
-                "--model",
-                "lstm",
-                "--data",
-                s(&data),
-                "--seq-len",
-                "24",
-                "--steps",
-                "20",
-                "--eval-every",
-                "10",
-                "--eval-windows",
-                "4",
-            ],
-            "4",
-        ),
+        ("lstm", lstm_args(&data, "10"), "4"),
     ];
     for (name, args, b) in cases {
         let two = dir.join(format!("{name}-2"));
@@ -180,21 +181,7 @@ fn two_ranks_with_batch_b_equal_one_process_with_batch_2b() {
 fn a_run_resumes_on_another_number_of_ranks() {
     let dir = tmp("resume");
     let data = corpus(&dir);
-    let args = [
-        "train",
-        "--model",
-        "lstm",
-        "--data",
-        s(&data),
-        "--seq-len",
-        "24",
-        "--steps",
-        "20",
-        "--eval-every",
-        "5",
-        "--eval-windows",
-        "4",
-    ];
+    let args = lstm_args(&data, "5");
     let whole = dir.join("whole");
     run(
         nerve(),
