@@ -182,6 +182,34 @@ fn matmul_transposed_views() {
     );
 }
 
+/// A Linear's `x·Wᵀ` hands `W` its gradient contiguous (`gᵀ·x` written in `W`'s layout),
+/// with the values of the plain product.
+#[test]
+fn matmul_transposed_weight_gradient_is_contiguous() -> Result<()> {
+    let x = rnd(&[4, 3]);
+    let w = rnd(&[5, 3]).requires_grad_(true);
+    let g = rnd(&[4, 5]);
+    x.matmul(&w.t()?)?.mul(&g)?.sum()?.backward()?;
+    let gw = w.grad().expect("w has a gradient");
+    assert!(gw.is_contiguous());
+    let want: Vec<f64> = g.t()?.matmul(&x)?.to_vec()?;
+    let got: Vec<f64> = gw.to_vec()?;
+    assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-12));
+    // The same for a transposed left operand.
+    let xt = x.t()?.contiguous()?.requires_grad_(true);
+    xt.t()?
+        .matmul(&w.detach().t()?)?
+        .mul(&g)?
+        .sum()?
+        .backward()?;
+    let gx = xt.grad().expect("xt has a gradient");
+    assert!(gx.is_contiguous());
+    let want: Vec<f64> = w.detach().t()?.matmul(&g.t()?)?.to_vec()?;
+    let got: Vec<f64> = gx.to_vec()?;
+    assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-12));
+    Ok(())
+}
+
 #[test]
 fn matmul_batched_broadcast() {
     check(

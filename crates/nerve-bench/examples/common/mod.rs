@@ -2,6 +2,11 @@
 
 use nerve_core::Result;
 
+/// The allocator and setting of the `nerve-bench` binary (see its `keep_freed_memory`), so the
+/// parts are timed as the workloads run: glibc's allocator would add page faults to every step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Times the parts of a workload. With a filter (the example's first argument) only the parts
 /// whose name contains it run, 200 times each (for a profiler); otherwise every part runs 21
 /// times.
@@ -12,6 +17,11 @@ pub struct Timer {
 impl Timer {
     /// A timer filtered by the first command-line argument, if any.
     pub fn from_args() -> Timer {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            // SAFETY: mi_option_set only stores an option value; 15 is mi_option_purge_delay
+            // and -1 its documented "no purging" value.
+            unsafe { libmimalloc_sys::mi_option_set(15, -1) }
+        }
         Timer {
             only: std::env::args().nth(1),
         }

@@ -111,21 +111,45 @@ impl Tensor {
         });
         let (a, b) = (self.detach(), rhs.detach());
         let (req_a, req_b) = (self.requires_grad(), rhs.requires_grad());
+        let plain = a.rank() == 2 && b.rank() == 2;
         Ok(out.with_grad(OP, &[self, rhs], move |g| {
+            // Each gradient is written in its operand's layout: for a transposed operand (a
+            // Linear's `x·Wᵀ`) the transposed product is computed into contiguous memory and
+            // handed back as its transposed view, so the transpose's backward returns the
+            // weight's gradient contiguous instead of as a strided view copied later.
             let ga = req_a
                 .then(|| {
-                    g.matmul(&b.transpose_usize(b.rank() - 2, b.rank() - 1))?
-                        .sum_to(a.dims())
+                    if plain && is_transposed_matrix(&a) {
+                        b.matmul(&g.transpose_usize(1, 0))?
+                            .transpose_usize(1, 0)
+                            .sum_to(a.dims())
+                    } else {
+                        g.matmul(&b.transpose_usize(b.rank() - 2, b.rank() - 1))?
+                            .sum_to(a.dims())
+                    }
                 })
                 .transpose()?;
             let gb = req_b
                 .then(|| {
-                    a.transpose_usize(a.rank() - 2, a.rank() - 1)
-                        .matmul(g)?
-                        .sum_to(b.dims())
+                    if plain && is_transposed_matrix(&b) {
+                        g.transpose_usize(1, 0)
+                            .matmul(&a)?
+                            .transpose_usize(1, 0)
+                            .sum_to(b.dims())
+                    } else {
+                        a.transpose_usize(a.rank() - 2, a.rank() - 1)
+                            .matmul(g)?
+                            .sum_to(b.dims())
+                    }
                 })
                 .transpose()?;
             Ok(vec![ga, gb])
         }))
     }
+}
+
+/// Whether `t` is a matrix stored transposed: rank 2, with the transposed layout contiguous
+/// (unit row stride) and not contiguous as it stands.
+fn is_transposed_matrix(t: &Tensor) -> bool {
+    t.rank() == 2 && !t.is_contiguous() && t.layout().transpose(0, 1).is_contiguous()
 }

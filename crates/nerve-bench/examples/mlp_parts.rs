@@ -1,0 +1,59 @@
+//! Times the parts of the `mlp` workload (784→512→ReLU→512→ReLU→10, batch 128, AdamW, f32):
+//! each GEMM of the step on its own, the forward, the backward and the optimizer:
+//! `cargo run --release -p nerve-bench --example mlp_parts [NAME]`.
+
+mod common;
+use common::Timer;
+
+use nerve_core::{manual_seed, Result, Tensor};
+use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer};
+
+fn main() -> Result<()> {
+    manual_seed(0);
+    let timer = Timer::from_args();
+    let time = |name: &str, f: &mut dyn FnMut() -> Result<()>| timer.time(name, f);
+    println!("threads: {}", nerve_core::num_threads());
+    let b = 128;
+    for (k, n) in [(784, 512), (512, 512), (512, 10)] {
+        let x = Tensor::randn([b, k]);
+        let w = Tensor::randn([n, k]);
+        let g = Tensor::randn([b, n]);
+        time(&format!("x·Wᵀ  {b}×{k}·{k}×{n}"), &mut || {
+            x.matmul(&w.t()?)?;
+            Ok(())
+        })?;
+        time(&format!("gᵀ·x  {n}×{b}·{b}×{k}"), &mut || {
+            g.t()?.matmul(&x)?;
+            Ok(())
+        })?;
+        time(&format!("g·W   {b}×{n}·{n}×{k}"), &mut || {
+            g.matmul(&w)?;
+            Ok(())
+        })?;
+    }
+    let model = nerve_models::mlp(784, &[512, 512], 10)?;
+    let x = Tensor::randn([b, 784]);
+    let targets = Tensor::from_vec((0..b as i64).map(|i| i % 10).collect(), [b])?;
+    let mut opt = Adam::adamw(model.parameters(), 1e-3, 0.01);
+    let step_loss = || -> Result<Tensor> {
+        loss::cross_entropy(&model.forward(&x)?, &targets, &Default::default())
+    };
+    time("forward", &mut || {
+        step_loss()?;
+        Ok(())
+    })?;
+    time("forward + backward", &mut || {
+        step_loss()?.backward()?;
+        Ok(())
+    })?;
+    opt.zero_grad();
+    step_loss()?.backward()?;
+    time("optimizer step (gradients kept)", &mut || opt.step())?;
+    time("whole step", &mut || {
+        step_loss()?.backward()?;
+        opt.step()?;
+        opt.zero_grad();
+        Ok(())
+    })?;
+    Ok(())
+}
