@@ -24,6 +24,8 @@ fn main() -> Result<()> {
         ("vit fc1 dW: gᵀ·x", 512, 2080, 128, true, false),
         ("vit fc2: x·Wᵀ", 2080, 512, 128, false, true),
         ("vit fc2 dW: gᵀ·x", 128, 2080, 512, true, false),
+        ("vit fc1 dx: g·W", 2080, 512, 128, false, false),
+        ("vit fc2 dx: g·W", 2080, 128, 512, false, false),
         ("square 1024", 1024, 1024, 1024, false, false),
     ];
     for (name, m, k, n, ta, tb) in shapes {

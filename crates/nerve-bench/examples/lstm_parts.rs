@@ -41,6 +41,28 @@ fn main() -> Result<()> {
         Ok(())
     })?;
 
+    // The layer's GEMMs outside the time loop.
+    let da = Tensor::randn([t * b, 4 * hs]);
+    let h_prev = Tensor::randn([t * b, hs]);
+    let xs = Tensor::randn([t * b, e]);
+    let w_ih = Tensor::randn([4 * hs, e]);
+    time("GEMM x·W_ihᵀ (input projection)", &mut || {
+        xs.matmul(&w_ih.t()?)?;
+        Ok(())
+    })?;
+    time("GEMM daᵀ·h_prev (dW_hh)", &mut || {
+        da.t()?.matmul(&h_prev)?;
+        Ok(())
+    })?;
+    time("GEMM daᵀ·x (dW_ih)", &mut || {
+        da.t()?.matmul(&xs)?;
+        Ok(())
+    })?;
+    time("GEMM da·W_ih (dx)", &mut || {
+        da.matmul(&w_ih)?;
+        Ok(())
+    })?;
+
     let emb = Embedding::new(v, e)?;
     let opts = RnnOptions {
         batch_first: true,

@@ -22,12 +22,35 @@ fn main() -> Result<()> {
             x.matmul(&w.t()?)?;
             Ok(())
         })?;
+        let bias = Tensor::randn([n]);
+        time(&format!("linear(x, W, b)  {b}×{k}·{k}×{n}"), &mut || {
+            x.linear(&w, Some(&bias))?;
+            Ok(())
+        })?;
+        time(&format!("x·Wᵀ + b  {b}×{k}·{k}×{n}"), &mut || {
+            x.matmul(&w.t()?)?.add(&bias)?;
+            Ok(())
+        })?;
         time(&format!("gᵀ·x  {n}×{b}·{b}×{k}"), &mut || {
             g.t()?.matmul(&x)?;
             Ok(())
         })?;
         time(&format!("g·W   {b}×{n}·{n}×{k}"), &mut || {
             g.matmul(&w)?;
+            Ok(())
+        })?;
+    }
+    {
+        let x = Tensor::randn([b, 512]).requires_grad_(true);
+        let w = Tensor::randn([512, 512]).requires_grad_(true);
+        let bias = Tensor::randn([512]).requires_grad_(true);
+        let g = Tensor::randn([b, 512]);
+        time("linear(x, W, b) fwd + bwd 128×512·512×512", &mut || {
+            x.linear(&w, Some(&bias))?.backward_with(&g)?;
+            Ok(())
+        })?;
+        time("x·Wᵀ + b fwd + bwd 128×512·512×512", &mut || {
+            x.matmul(&w.t()?)?.add(&bias)?.backward_with(&g)?;
             Ok(())
         })?;
     }

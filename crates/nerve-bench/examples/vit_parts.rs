@@ -49,6 +49,16 @@ fn main() -> Result<()> {
         Ok(())
     })?;
     let u = Tensor::randn([32, 65, 512]).requires_grad_(true);
+    let bias = Tensor::randn([512]).requires_grad_(true);
+    let g2 = Tensor::randn([32 * 65, 512]);
+    time("bias gradient: sum over rows [2080, 512]", &mut || {
+        g2.sum_dim(&[0], false)?;
+        Ok(())
+    })?;
+    time("bias add [32, 65, 512] fwd + bwd", &mut || {
+        u.add(&bias)?.sum()?.backward()?;
+        Ok(())
+    })?;
     time("gelu [32, 65, 512] fwd + bwd", &mut || {
         u.gelu_tanh()?.sum()?.backward()?;
         Ok(())

@@ -211,6 +211,68 @@ fn matmul_transposed_weight_gradient_is_contiguous() -> Result<()> {
 }
 
 #[test]
+fn linear_with_and_without_bias() {
+    check(
+        |v| v[0].linear(&v[1], Some(&v[2])),
+        &[rnd(&[2, 3, 4]), rnd(&[5, 4]), rnd(&[5])],
+    );
+    check(|v| v[0].linear(&v[1], None), &[rnd(&[3, 4]), rnd(&[5, 4])]);
+    // Non-contiguous input and weight.
+    check(
+        |v| v[0].t()?.linear(&v[1].t()?, Some(&v[2])),
+        &[rnd(&[4, 3]), rnd(&[4, 5]), rnd(&[5])],
+    );
+}
+
+/// `linear` (one GEMM with the bias in its epilogue) equals `x·Wᵀ + b` on f32 sizes that take
+/// each of the GEMM's paths.
+#[test]
+fn linear_matches_matmul_and_add() -> Result<()> {
+    manual_seed(3);
+    // Blocked and threaded with partial tiles; one row (GEMV); no inner dimension; few rows
+    // with a transposed weight (the column-split path for short products).
+    for (rows, inp, out, wt) in [
+        (301, 200, 77, false),
+        (1, 64, 40, false),
+        (37, 0, 9, false),
+        (24, 256, 500, true),
+    ] {
+        let x = Tensor::randn([rows, inp]);
+        let w = if wt {
+            Tensor::randn([inp, out]).t()?
+        } else {
+            Tensor::randn([out, inp])
+        };
+        let b = Tensor::randn([out]);
+        let got: Vec<f32> = x.linear(&w, Some(&b))?.to_vec()?;
+        let want: Vec<f32> = x.matmul(&w.t()?)?.add(&b)?.to_vec()?;
+        assert_eq!(got.len(), rows * out);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn linear_refuses_mismatched_shapes() {
+    let x = Tensor::zeros([3, 4]);
+    let err = x
+        .linear(&Tensor::zeros([5, 3]), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("linear") && err.contains("[3, 4]") && err.contains("[5, 3]"),
+        "{err}"
+    );
+    let err = x
+        .linear(&Tensor::zeros([5, 4]), Some(&Tensor::zeros([4])))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("linear") && err.contains("[4]"), "{err}");
+}
+
+#[test]
 fn matmul_batched_broadcast() {
     check(
         |v| v[0].matmul(&v[1]),

@@ -266,7 +266,7 @@ impl BertLayer {
                 .filter_map(|l| l.bias.as_ref())
                 .collect();
             let bias = Tensor::cat(&biases, 0)?;
-            let qkv = x.matmul(&w.t()?)?.add(&bias)?;
+            let qkv = x.linear(&w, Some(&bias))?;
             let a = nerve_nn::packed_self_attention(&qkv, self.heads, false)?;
             return self.finish(x, &a);
         }

@@ -333,10 +333,7 @@ impl MultiheadAttention {
             && matches!(q.dtype(), DType::F32 | DType::F64)
         {
             // One projection GEMM for q, k and v, and attention read straight from it.
-            let mut qkv = q.matmul(&self.in_proj_weight.t()?)?;
-            if let Some(bias) = &self.in_proj_bias {
-                qkv = qkv.add(bias)?;
-            }
+            let qkv = q.linear(&self.in_proj_weight, self.in_proj_bias.as_ref())?;
             let o = packed_self_attention(&qkv, self.num_heads, masks.is_causal)?;
             let y = crate::module::Module::forward(&self.out_proj, &o)?;
             return if self.batch_first {
@@ -349,10 +346,12 @@ impl MultiheadAttention {
         let (h, hd) = (self.num_heads as isize, (e / self.num_heads) as isize);
         let project = |x: &Tensor, i: usize| -> Result<Tensor> {
             let w = self.in_proj_weight.narrow(0, i * e, e)?;
-            let mut y = x.matmul(&w.t()?)?;
-            if let Some(bias) = &self.in_proj_bias {
-                y = y.add(&bias.narrow(0, i * e, e)?)?;
-            }
+            let bias = self
+                .in_proj_bias
+                .as_ref()
+                .map(|b| b.narrow(0, i * e, e))
+                .transpose()?;
+            let y = x.linear(&w, bias.as_ref())?;
             // [B, T, E] -> [B, heads, T, hd]
             y.reshape(&[b as isize, -1, h, hd])?.transpose(1, 2)
         };
@@ -446,10 +445,12 @@ impl MultiheadAttention {
         let (b, t) = (x.dims()[0], x.dims()[1]);
         let (h, hd) = (self.num_heads as isize, (e / self.num_heads) as isize);
         let project = |i: usize| -> Result<Tensor> {
-            let mut y = x.matmul(&self.in_proj_weight.narrow(0, i * e, e)?.t()?)?;
-            if let Some(bias) = &self.in_proj_bias {
-                y = y.add(&bias.narrow(0, i * e, e)?)?;
-            }
+            let bias = self
+                .in_proj_bias
+                .as_ref()
+                .map(|b| b.narrow(0, i * e, e))
+                .transpose()?;
+            let y = x.linear(&self.in_proj_weight.narrow(0, i * e, e)?, bias.as_ref())?;
             y.reshape(&[b as isize, -1, h, hd])?.transpose(1, 2)
         };
         let (q, k_new, v_new) = (project(0)?, project(1)?, project(2)?);

@@ -177,11 +177,7 @@ impl LoraAdapter {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.add(b)?,
-            None => y,
-        };
+        let y = x.linear(&self.weight, self.bias.as_ref())?;
         match self.lora() {
             Some(adapter) => y.add(&adapter.forward(x)?),
             None => Ok(y),

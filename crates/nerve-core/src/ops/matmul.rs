@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::float_dispatch;
 use crate::dtype::Element;
-use crate::kernels::gemm::gemm;
+use crate::kernels::gemm::{gemm, gemm_bias};
 use crate::kernels::strided::Runs;
 use crate::kernels::{assume_init, uninit_buf, SendPtr};
 use crate::shape::broadcast_shapes;
@@ -45,6 +45,90 @@ impl Tensor {
             }
             _ => self.mm_batched(rhs),
         }
+    }
+
+    /// `x·Wᵀ + b` over the last dimension (PyTorch's `torch.nn.functional.linear`): `self`
+    /// `[..., in]`, `weight` `[out, in]`, `bias` `[out]`; returns `[..., out]`.
+    ///
+    /// For f32 and f64 this is one GEMM over all leading dimensions with the bias added to
+    /// each tile of the output as it is stored, and one autodiff node whose backward forms
+    /// `dx = g·W`, `dW = gᵀ·x` (contiguous, in the weight's layout) and `db = Σ g` over the
+    /// rows: no separate pass over the output for the bias, forward or backward. Other dtypes
+    /// run as `matmul` and `add`.
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "linear";
+        self.check_same_dtype(weight, OP)?;
+        if let Some(b) = bias {
+            self.check_same_dtype(b, OP)?;
+        }
+        let (out_f, in_f) = match *weight.dims() {
+            [o, i] => (o, i),
+            _ => return Err(Error::shape_mismatch(OP, self.dims(), weight.dims())),
+        };
+        if self.rank() == 0 || self.dims()[self.rank() - 1] != in_f {
+            return Err(Error::shape_mismatch(OP, self.dims(), weight.dims()));
+        }
+        if let Some(b) = bias.filter(|b| b.dims() != [out_f]) {
+            return Err(Error::shape_mismatch(OP, weight.dims(), b.dims()));
+        }
+        if !matches!(self.dtype(), crate::DType::F32 | crate::DType::F64) {
+            let y = self.matmul(&weight.t()?)?;
+            return match bias {
+                Some(b) => y.add(b),
+                None => Ok(y),
+            };
+        }
+        let lead = &self.dims()[..self.rank() - 1];
+        let rows: usize = lead.iter().product();
+        let mut out_dims = lead.to_vec();
+        out_dims.push(out_f);
+        let x2 = self.detach().reshape_usize(&[rows, in_f])?;
+        let w = weight.detach();
+        let out = float_dispatch!(OP, self.dtype(), T => {
+            let bias_v: Option<Vec<T>> = bias.map(|b| b.detach().to_vec()).transpose()?;
+            // Written in full by the GEMM (beta = 0 never reads it).
+            let mut c = uninit_buf::<T>(rows * out_f);
+            x2.read2::<T, T, _>(&w, |xs, lx, ws, lw| {
+                let (rsa, csa) = (lx.strides()[0] as isize, lx.strides()[1] as isize);
+                // B = Wᵀ: B[k][j] = W[j][k].
+                let (rsb, csb) = (lw.strides()[1] as isize, lw.strides()[0] as isize);
+                let a = xs[lx.offset()..].as_ptr();
+                let b = ws[lw.offset()..].as_ptr();
+                let pc = c.as_mut_ptr().cast::<T>();
+                // SAFETY: the layouts address elements inside their storages (offsets and
+                // strides of [rows, in] and [out, in]); C holds rows × out elements and the
+                // bias `out` values.
+                unsafe {
+                    match &bias_v {
+                        Some(bv) => gemm_bias::<T>(rows, out_f, in_f, a, rsa, csa, b, rsb, csb,
+                            pc, out_f as isize, 1, bv.as_ptr(), true),
+                        None => gemm::<T>(rows, out_f, in_f, T::ONE, a, rsa, csa, b, rsb, csb,
+                            T::ZERO, pc, out_f as isize, 1, true),
+                    }
+                }
+            });
+            // SAFETY: the GEMM wrote every element.
+            Tensor::from_buf(unsafe { assume_init(c) }, &out_dims)
+        });
+        let x_dims = self.dims().to_vec();
+        let (req_x, req_w) = (self.requires_grad(), weight.requires_grad());
+        let (has_bias, req_b) = (bias.is_some(), bias.is_some_and(Tensor::requires_grad));
+        let mut inputs = vec![self, weight];
+        inputs.extend(bias);
+        Ok(out.with_grad(OP, &inputs, move |g| {
+            let g2 = g.reshape_usize(&[rows, out_f])?;
+            let gx = req_x
+                .then(|| g2.matmul(&w)?.reshape_usize(&x_dims))
+                .transpose()?;
+            let gw = req_w
+                .then(|| g2.transpose_usize(0, 1).matmul(&x2))
+                .transpose()?;
+            let mut grads = vec![gx, gw];
+            if has_bias {
+                grads.push(req_b.then(|| g2.sum_dim(&[0], false)).transpose()?);
+            }
+            Ok(grads)
+        }))
     }
 
     fn mm_batched(&self, rhs: &Tensor) -> Result<Tensor> {

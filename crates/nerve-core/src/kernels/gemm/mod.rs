@@ -224,6 +224,119 @@ pub unsafe fn gemm<T: GemmFloat>(
     csc: isize,
     parallel: bool,
 ) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        gemm_impl(
+            m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc, parallel, None,
+        )
+    }
+}
+
+/// `C = A·B + bias`, the bias (`n` values, one per column of C) added to each tile of C as
+/// the tile's last product is stored, while it is in cache: a `Linear` layer's forward in
+/// one pass over its output.
+///
+/// # Safety
+/// As [`sgemm`]; `bias` must point to `n` readable elements.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bias<T: GemmFloat>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    c: *mut T,
+    rsc: isize,
+    csc: isize,
+    bias: *const T,
+    parallel: bool,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        gemm_impl(
+            m,
+            n,
+            k,
+            T::ONE,
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            T::ZERO,
+            c,
+            rsc,
+            csc,
+            parallel,
+            Some(SendPtr(bias as *mut T)),
+        )
+    }
+}
+
+/// Add `bias[j]` to column `j` of the `rows × cols` block of C at `c`.
+///
+/// # Safety
+/// The block must be inside C and `bias` must hold `cols` elements.
+unsafe fn add_bias<T: Float>(
+    c: *mut T,
+    rows: usize,
+    cols: usize,
+    rsc: isize,
+    csc: isize,
+    bias: *const T,
+) {
+    // SAFETY: the caller guarantees `cols` bias values.
+    let bias = unsafe { std::slice::from_raw_parts(bias, cols) };
+    with_simd(
+        #[inline(always)]
+        || {
+            for i in 0..rows {
+                if csc == 1 {
+                    // SAFETY: row i's `cols` contiguous values are inside C.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(c.offset(i as isize * rsc), cols) };
+                    for (x, &b) in row.iter_mut().zip(bias) {
+                        *x += b;
+                    }
+                } else {
+                    for (j, &b) in bias.iter().enumerate() {
+                        // SAFETY: inside C by the caller's contract.
+                        unsafe { *c.offset(i as isize * rsc + j as isize * csc) += b };
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// [`gemm`] with an optional column bias (see [`gemm_bias`]).
+///
+/// # Safety
+/// As [`gemm_bias`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_impl<T: GemmFloat>(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    rsc: isize,
+    csc: isize,
+    parallel: bool,
+    bias: Option<SendPtr<T>>,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -237,15 +350,23 @@ pub unsafe fn gemm<T: GemmFloat>(
                 }
             }
         }
+        if let Some(bias) = bias {
+            // SAFETY: forwarded contract.
+            unsafe { add_bias(c, m, n, rsc, csc, bias.get()) };
+        }
         return;
     }
     if m <= GEMV_MAX_M && rsb == 1 && csb != 1 {
         // SAFETY: forwarded contract.
-        return unsafe {
+        unsafe {
             gemv_rows(
                 m, n, k, alpha, a, rsa, csa, b, csb, beta, c, rsc, csc, parallel,
-            )
-        };
+            );
+            if let Some(bias) = bias {
+                add_bias(c, m, n, rsc, csc, bias.get());
+            }
+        }
+        return;
     }
     let kern = T::kernel_for(m);
     let (mr, nr) = (kern.mr, kern.nr);
@@ -265,7 +386,7 @@ pub unsafe fn gemm<T: GemmFloat>(
         let (a, b, c) = (SendPtr(a as *mut T), SendPtr(b as *mut T), SendPtr(c));
         // SAFETY: forwarded contract; `install` returns only when the product is done.
         return install(|| unsafe {
-            gemm(
+            gemm_impl(
                 m,
                 n,
                 k,
@@ -281,6 +402,7 @@ pub unsafe fn gemm<T: GemmFloat>(
                 rsc,
                 csc,
                 parallel,
+                bias,
             )
         });
     }
@@ -296,7 +418,7 @@ pub unsafe fn gemm<T: GemmFloat>(
                 // SAFETY: columns j0..j0+len of B and C are inside them by the caller's
                 // contract; the threads write disjoint columns of C.
                 unsafe {
-                    gemm(
+                    gemm_impl(
                         m,
                         per.min(n - j0),
                         k,
@@ -312,6 +434,7 @@ pub unsafe fn gemm<T: GemmFloat>(
                         rsc,
                         csc,
                         false,
+                        bias.map(|p| SendPtr(p.get().add(j0))),
                     )
                 }
             }
@@ -338,6 +461,7 @@ pub unsafe fn gemm<T: GemmFloat>(
                     (c, rsc, csc),
                     threads,
                     (a_pack, b_pack),
+                    bias,
                 )
             }
         })
@@ -360,6 +484,7 @@ unsafe fn blocked<T: GemmFloat>(
     (c, rsc, csc): (SendPtr<T>, isize, isize),
     threads: usize,
     (a_pack, b_pack): (SendPtr<T>, SendPtr<T>),
+    bias: Option<SendPtr<T>>,
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     let size = std::mem::size_of::<T>();
@@ -434,7 +559,21 @@ unsafe fn blocked<T: GemmFloat>(
                             csc,
                             alpha,
                             beta_p,
-                        )
+                        );
+                        // The tile is final after the last KC block: add the bias while it is
+                        // in cache.
+                        if let Some(bias) = bias.filter(|_| pc + kc == k) {
+                            let j = jc + q * nr;
+                            add_bias(
+                                c.get()
+                                    .offset((ic + p * mr) as isize * rsc + j as isize * csc),
+                                rows,
+                                cols,
+                                rsc,
+                                csc,
+                                bias.get().add(j),
+                            );
+                        }
                     }
                 };
                 let work = |part: usize| {
