@@ -40,6 +40,17 @@ fn main() -> Result<()> {
         blk.attn.forward(&h)?.sum()?.backward()?;
         Ok(())
     })?;
+    let qkv = Tensor::randn([32, 65, 384]).requires_grad_(true);
+    time("attention core (packed, 4 heads) fwd", &mut || {
+        nerve_nn::packed_self_attention(&qkv, 4, false)?;
+        Ok(())
+    })?;
+    time("attention core (packed, 4 heads) fwd + bwd", &mut || {
+        nerve_nn::packed_self_attention(&qkv, 4, false)?
+            .sum()?
+            .backward()?;
+        Ok(())
+    })?;
     time("mlp fwd + bwd", &mut || {
         blk.mlp.forward(&h)?.sum()?.backward()?;
         Ok(())
