@@ -254,8 +254,6 @@ impl Rnn {
         t_len: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, inp) = (x.dims()[1], x.dims()[2]);
-        // All time steps' input projections in one GEMM.
-        let mut xp = x.reshape(&[-1, inp as isize])?.matmul(&cell.w_ih.t()?)?;
         // An LSTM or RNN adds b_hh with b_ih (summed first: one pass over xp); a GRU keeps
         // it with the recurrent part.
         let b_hh = if self.kind == RnnKind::Gru {
@@ -268,14 +266,18 @@ impl Rnn {
             (Some(b), None) | (None, Some(b)) => Some(b.clone()),
             (None, None) => None,
         };
+        let x2 = x.reshape(&[-1, inp as isize])?;
         if self.kind == RnnKind::Lstm {
-            // The whole time loop is one autodiff node (no per-step slicing of xp, whose
-            // backward would cost a full-size zero tensor per step); it adds the bias itself.
-            let xp = xp.reshape(&[t_len as isize, b as isize, -1])?;
-            let packed = lstm_sequence(&xp, bias.as_ref(), h0, c0, &cell.w_hh, reverse)?;
+            // The whole time loop, input projections included, is one autodiff node (no
+            // per-step slicing of xp, whose backward would cost a full-size zero tensor per
+            // step); it adds the bias itself.
+            let packed =
+                lstm_sequence(&x2, &cell.w_ih, bias.as_ref(), h0, c0, &cell.w_hh, reverse)?;
             let seq = packed.narrow(0, 0, t_len)?;
             return Ok((seq, packed.select(0, t_len)?, packed.select(0, t_len + 1)?));
         }
+        // All time steps' input projections in one GEMM.
+        let mut xp = x2.matmul(&cell.w_ih.t()?)?;
         if let Some(bias) = bias {
             xp = xp.add(&bias)?;
         }
@@ -417,13 +419,19 @@ pub fn lstm_cell(a: &Tensor, c: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// A whole LSTM layer-direction as one autodiff node: input projections `xp` `[T, B, 4H]`,
-/// the bias `[4H]` (`b_ih + b_hh`, if any), initial `h0`, `c0` `[B, H]`, recurrent weight
-/// `w_hh` `[4H, H]`; returns `[T + 2, B, H]`: the outputs of every step (in time order), then the
-/// final `h`, then the final `c`. The backward pass runs back-propagation through time with
-/// one GEMM per step for `dh` and one GEMM in all for `dW_hh`.
+/// A whole LSTM layer-direction as one autodiff node: the inputs of every step `x`
+/// `[T·B, in]` (time-major rows), the input weight `w_ih` `[4H, in]`, the bias `[4H]`
+/// (`b_ih + b_hh`, if any), initial `h0`, `c0` `[B, H]` and recurrent weight `w_hh`
+/// `[4H, H]`; returns `[T + 2, B, H]`: the outputs of every step (in time order), then the
+/// final `h`, then the final `c`.
+///
+/// The forward pass projects every step's input in one GEMM, then runs the fused time loop.
+/// The backward pass runs back-propagation through time with one GEMM per step for `dh`,
+/// then forms both weight gradients in one GEMM, `[dW_ih | dW_hh] = daᵀ·[x | h_prev]` (the
+/// pre-activation gradients `da` are packed once for both), and `dx = da·W_ih`.
 pub fn lstm_sequence(
-    xp: &Tensor,
+    x: &Tensor,
+    w_ih: &Tensor,
     bias: Option<&Tensor>,
     h0: &Tensor,
     c0: &Tensor,
@@ -431,25 +439,38 @@ pub fn lstm_sequence(
     reverse: bool,
 ) -> Result<Tensor> {
     const OP: &str = "lstm_sequence";
-    let (t_len, b, h4) = (xp.dims()[0], xp.dims()[1], xp.dims()[2]);
-    let hs = h4 / 4;
-    if xp.rank() != 3
-        || h4 % 4 != 0
+    let (h4, hs) = (
+        w_hh.dims().first().copied().unwrap_or(0),
+        w_hh.dims().get(1).copied().unwrap_or(0),
+    );
+    let b = h0.dims().first().copied().unwrap_or(0);
+    let inp = w_ih.dims().get(1).copied().unwrap_or(0);
+    if x.rank() != 2
+        || w_hh.rank() != 2
+        || w_ih.rank() != 2
+        || h4 != 4 * hs
+        || w_ih.dims().first() != Some(&h4)
+        || x.dims()[1] != inp
         || h0.dims() != [b, hs]
         || c0.dims() != [b, hs]
-        || w_hh.dims() != [h4, hs]
+        || (b == 0 && x.dims()[0] != 0)
+        || (b > 0 && !x.dims()[0].is_multiple_of(b))
     {
-        return Err(Error::shape_mismatch(OP, xp.dims(), w_hh.dims()));
+        return Err(Error::shape_mismatch(OP, x.dims(), w_ih.dims()));
     }
     if let Some(bias) = bias.filter(|bias| bias.dims() != [h4]) {
-        return Err(Error::shape_mismatch(OP, xp.dims(), bias.dims()));
+        return Err(Error::shape_mismatch(OP, w_hh.dims(), bias.dims()));
     }
+    let t_len = if b == 0 { 0 } else { x.dims()[0] / b };
     let dims = LstmDims {
         steps: t_len,
         batch: b,
         hidden: hs,
     };
-    float_body!(OP, xp, T => {
+    let xd = x.detach().contiguous()?;
+    let w_i = w_ih.detach();
+    let xp = nerve_core::no_grad(|| xd.matmul(&w_i.t()?))?;
+    float_body!(OP, x, T => {
         let w = w_hh.detach().contiguous()?;
         let h0v: Vec<T> = h0.contiguous()?.to_vec()?;
         let mut c: Vec<T> = c0.contiguous()?.to_vec()?;
@@ -461,18 +482,32 @@ pub fn lstm_sequence(
         let (mut packed, tape) = xp.with_data::<T, _>(|xv| {
             w.with_data::<T, _>(|wv| lstm_forward(dims, reverse, xv, &bias_v, wv, &h0v, &mut c))
         })??;
-        // The h each step started from, by time index (for dW_hh = Σ_t da_tᵀ h_prev_t): the
-        // output of the neighbouring time index the step came after, or h0.
-        let mut h_prev: Vec<T> = Vec::with_capacity(t_len * bh);
-        for t in 0..t_len {
-            let src = match (reverse, t) {
-                (false, 0) => &h0v[..],
-                (false, t) => &packed[(t - 1) * bh..t * bh],
-                (true, t) if t + 1 == t_len => &h0v[..],
-                (true, t) => &packed[(t + 1) * bh..(t + 2) * bh],
-            };
-            h_prev.extend_from_slice(src);
-        }
+        let mut parents = vec![x, w_ih, h0, c0, w_hh];
+        parents.extend(bias);
+        let tracked = nerve_core::is_grad_enabled() && parents.iter().any(|p| p.requires_grad());
+        // Each row's input and the h its step started from, side by side, `[T·B, in + H]`
+        // (for both weight gradients in one GEMM; only when a backward pass may follow):
+        // h_prev is the output of the neighbouring time index the step came after, or h0.
+        let width = inp + hs;
+        let mut xh: Vec<T> = Vec::with_capacity(if tracked { t_len * b * width } else { 0 });
+        xd.with_data::<T, _>(|xv| {
+            if !tracked {
+                return;
+            }
+            for t in 0..t_len {
+                let src = match (reverse, t) {
+                    (false, 0) => &h0v[..],
+                    (false, t) => &packed[(t - 1) * bh..t * bh],
+                    (true, t) if t + 1 == t_len => &h0v[..],
+                    (true, t) => &packed[(t + 1) * bh..(t + 2) * bh],
+                };
+                for r in 0..b {
+                    let row = t * b + r;
+                    xh.extend_from_slice(&xv[row * inp..(row + 1) * inp]);
+                    xh.extend_from_slice(&src[r * hs..(r + 1) * hs]);
+                }
+            }
+        })?;
         // Then the final h and c (the vector has room for them).
         let last = if reverse { 0 } else { t_len.saturating_sub(1) };
         if t_len > 0 {
@@ -482,10 +517,13 @@ pub fn lstm_sequence(
         }
         packed.extend_from_slice(&c);
         let out = Tensor::from_vec(packed, [t_len + 2, b, hs])?;
-        let h_prev = Tensor::from_vec(h_prev, [t_len * b, hs])?;
-        let mut parents = vec![xp, h0, c0, w_hh];
-        parents.extend(bias);
+        if !tracked {
+            return Ok(out);
+        }
+        let xh = Tensor::from_vec(xh, [t_len * b, width])?;
         let with_bias = bias.is_some();
+        let need_dw = w_ih.requires_grad() || w_hh.requires_grad();
+        let need_dx = x.requires_grad();
         Ok(out.attach_backward(OP, &parents, move |grad| {
             nerve_core::no_grad(|| {
                 let (da, db, dh, dc) = grad.with_data::<T, _>(|gv| {
@@ -496,16 +534,26 @@ pub fn lstm_sequence(
                     })?;
                     Ok::<_, Error>((da, db, dh, dc))
                 })??;
-                let da = Tensor::from_vec(da, [t_len * b, 4 * hs])?;
-                let dw = da.t()?.matmul(&h_prev)?;
+                let da = Tensor::from_vec(da, [t_len * b, h4])?;
+                let (dw_ih, dw_hh) = if need_dw {
+                    let dw = da.t()?.matmul(&xh)?;
+                    (
+                        Some(dw.narrow(1, 0, inp)?.contiguous()?),
+                        Some(dw.narrow(1, inp, hs)?.contiguous()?),
+                    )
+                } else {
+                    (None, None)
+                };
+                let dx = need_dx.then(|| da.matmul(&w_i)).transpose()?;
                 let mut grads = vec![
-                    Some(da.reshape(&[t_len as isize, b as isize, 4 * hs as isize])?),
+                    dx,
+                    dw_ih,
                     Some(Tensor::from_vec(dh, [b, hs])?),
                     Some(Tensor::from_vec(dc, [b, hs])?),
-                    Some(dw),
+                    dw_hh,
                 ];
                 if with_bias {
-                    grads.push(Some(Tensor::from_vec(db, [4 * hs])?));
+                    grads.push(Some(Tensor::from_vec(db, [h4])?));
                 }
                 Ok(grads)
             })

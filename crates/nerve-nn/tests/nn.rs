@@ -462,6 +462,41 @@ fn fused_recurrent_cells_gradcheck() -> Result<()> {
     Ok(())
 }
 
+/// The whole LSTM layer-direction node (input projection, time loop, both weight gradients
+/// from one GEMM) against finite differences, both directions, every input.
+#[test]
+fn lstm_sequence_gradcheck() -> Result<()> {
+    use nerve_nn::rnn::lstm_sequence;
+    manual_seed(8);
+    let f64t = |d: &[usize]| Tensor::randn(d).to_dtype(DType::F64);
+    // T = 3 steps of B = 2 rows, 3 inputs, H = 2 units.
+    for reverse in [false, true] {
+        gradcheck(
+            |t| lstm_sequence(&t[0], &t[1], Some(&t[5]), &t[2], &t[3], &t[4], reverse),
+            &[
+                f64t(&[6, 3])?,
+                f64t(&[8, 3])?,
+                f64t(&[2, 2])?,
+                f64t(&[2, 2])?,
+                f64t(&[8, 2])?,
+                f64t(&[8])?,
+            ],
+        )?;
+    }
+    let e = lstm_sequence(
+        &f64t(&[5, 3])?,
+        &f64t(&[8, 3])?,
+        None,
+        &f64t(&[2, 2])?,
+        &f64t(&[2, 2])?,
+        &f64t(&[8, 2])?,
+        false,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("lstm_sequence"), "{e}");
+    Ok(())
+}
+
 #[test]
 fn positional_encodings() -> Result<()> {
     use nerve_nn::{apply_rotary, sinusoidal_encoding};
