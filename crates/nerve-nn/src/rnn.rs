@@ -461,7 +461,7 @@ pub fn lstm_sequence(
     if let Some(bias) = bias.filter(|bias| bias.dims() != [h4]) {
         return Err(Error::shape_mismatch(OP, w_hh.dims(), bias.dims()));
     }
-    let t_len = if b == 0 { 0 } else { x.dims()[0] / b };
+    let t_len = x.dims()[0].checked_div(b).unwrap_or(0);
     let dims = LstmDims {
         steps: t_len,
         batch: b,
