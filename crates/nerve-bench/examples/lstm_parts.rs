@@ -8,7 +8,7 @@ use common::Timer;
 
 use nerve_core::kernels::rnn::{lstm_backward, lstm_forward, LstmDims};
 use nerve_core::{manual_seed, Result, Tensor};
-use nerve_nn::{loss, Adam, Embedding, Linear, Module, ModuleExt, Optimizer, RnnOptions};
+use nerve_nn::{loss, Adam, Embedding, Linear, Module, ModuleExt, RnnOptions};
 
 fn main() -> Result<()> {
     let (b, t, e, hs, v) = (32, 64, 64, 256, 65);
@@ -110,23 +110,6 @@ fn main() -> Result<()> {
         let logits = head.forward(&h)?.reshape(&[-1, v as isize])?;
         loss::cross_entropy(&logits, &targets, &Default::default())
     };
-    time("step forward", &mut || {
-        step_loss()?;
-        Ok(())
-    })?;
-    time("step forward + backward", &mut || {
-        step_loss()?.backward()?;
-        Ok(())
-    })?;
-    opt.zero_grad();
-    step_loss()?.backward()?;
-    time("optimizer step (gradients kept)", &mut || opt.step())?;
-    opt.zero_grad();
-    time("whole step", &mut || {
-        step_loss()?.backward()?;
-        opt.step()?;
-        opt.zero_grad();
-        Ok(())
-    })?;
+    timer.step_parts(&step_loss, &mut opt)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 use common::Timer;
 
 use nerve_core::{manual_seed, Result, Tensor};
-use nerve_nn::{loss, Adam, Module, ModuleExt, Optimizer};
+use nerve_nn::{loss, Adam, Module, ModuleExt};
 
 fn main() -> Result<()> {
     manual_seed(0);
@@ -61,22 +61,6 @@ fn main() -> Result<()> {
     let step_loss = || -> Result<Tensor> {
         loss::cross_entropy(&model.forward(&x)?, &targets, &Default::default())
     };
-    time("forward", &mut || {
-        step_loss()?;
-        Ok(())
-    })?;
-    time("forward + backward", &mut || {
-        step_loss()?.backward()?;
-        Ok(())
-    })?;
-    opt.zero_grad();
-    step_loss()?.backward()?;
-    time("optimizer step (gradients kept)", &mut || opt.step())?;
-    time("whole step", &mut || {
-        step_loss()?.backward()?;
-        opt.step()?;
-        opt.zero_grad();
-        Ok(())
-    })?;
+    timer.step_parts(&step_loss, &mut opt)?;
     Ok(())
 }

@@ -491,10 +491,7 @@ pub fn lstm_sequence(
         let width = inp + hs;
         let mut xh: Vec<T> = Vec::with_capacity(if tracked { t_len * b * width } else { 0 });
         xd.with_data::<T, _>(|xv| {
-            if !tracked {
-                return;
-            }
-            for t in 0..t_len {
+            for t in (0..t_len).filter(|_| tracked) {
                 let src = match (reverse, t) {
                     (false, 0) => &h0v[..],
                     (false, t) => &packed[(t - 1) * bh..t * bh],

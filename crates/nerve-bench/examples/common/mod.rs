@@ -1,6 +1,7 @@
 //! The timing loop of the `*_parts` examples.
 
-use nerve_core::Result;
+use nerve_core::{Result, Tensor};
+use nerve_nn::Optimizer;
 
 /// The allocator and setting of the `nerve-bench` binary (see its `keep_freed_memory`), so the
 /// parts are timed as the workloads run: glibc's allocator would add page faults to every step.
@@ -52,5 +53,28 @@ impl Timer {
             ms[0]
         );
         Ok(())
+    }
+
+    /// Time a training step in parts from its loss: forward, forward + backward, the
+    /// optimizer's update alone (on gradients kept from one backward pass), and the whole
+    /// step (forward, backward, update, zeroing of gradients).
+    #[allow(dead_code)] // not every example times a whole step
+    pub fn step_parts(
+        &self,
+        step_loss: &dyn Fn() -> Result<Tensor>,
+        opt: &mut dyn Optimizer,
+    ) -> Result<()> {
+        self.time("step forward", &mut || step_loss().map(drop))?;
+        self.time("step forward + backward", &mut || step_loss()?.backward())?;
+        opt.zero_grad();
+        step_loss()?.backward()?;
+        self.time("optimizer step (gradients kept)", &mut || opt.step())?;
+        opt.zero_grad();
+        self.time("whole step", &mut || {
+            step_loss()?.backward()?;
+            opt.step()?;
+            opt.zero_grad();
+            Ok(())
+        })
     }
 }
