@@ -192,6 +192,9 @@ pub trait Float:
     fn min(self, o: Self) -> Self;
     /// whether the value is NaN
     fn is_nan(self) -> bool;
+    /// `self · a + b` with one rounding (one instruction where the kernel is compiled with
+    /// FMA; only call it from such kernels, elsewhere it is a slow library call)
+    fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
 impl Float for f32 {
@@ -257,6 +260,10 @@ impl Float for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
 }
 
 impl Float for f64 {
@@ -321,6 +328,10 @@ impl Float for f64 {
     #[inline(always)]
     fn is_nan(self) -> bool {
         f64::is_nan(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
     }
 }
 

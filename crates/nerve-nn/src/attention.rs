@@ -214,6 +214,7 @@ fn attention_node(
                                     &p,
                                     gv,
                                     scale,
+                                    causal,
                                     packed,
                                 )
                             })

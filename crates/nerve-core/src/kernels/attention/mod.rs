@@ -13,6 +13,8 @@
 //! [`AttnLayout`], so they can be contiguous `[N, L, E]` tensors or the three thirds of a
 //! packed `[B, L, 3E]` projection, without copies.
 
+mod tiled;
+
 use rayon::prelude::*;
 
 use super::gemm::{gemm, GemmFloat, GEMM_PAR_MIN};
@@ -95,15 +97,46 @@ impl AttnLayout {
     }
 }
 
-/// Run `f(item, parallel_gemm)` for every item: items in parallel when there are enough of
-/// them for every thread and each is small, else one after another with threaded GEMMs.
-fn for_items(dims: AttnDims, f: impl Fn(usize, bool) + Sync) {
-    let threads = num_threads();
-    let per_item = dims.l * dims.s * dims.e.max(dims.ev);
-    if threads > 1 && dims.items >= threads && per_item < GEMM_PAR_MIN {
-        install(|| (0..dims.items).into_par_iter().for_each(|i| f(i, false)));
+/// How the items of a call run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// Items in parallel, each by the register-tiled kernels of [`tiled`] on one thread.
+    Tiled(tiled::Tiles),
+    /// Items in parallel, each by single-threaded GEMMs.
+    Items,
+    /// One item after another, each by threaded GEMMs (fewer large items than threads).
+    Gemms,
+}
+
+impl Plan {
+    /// The plan for `T` and `dims` on this machine: items in parallel when there are enough of
+    /// them for every thread or each is small, by the tiled kernels where they run.
+    fn for_dims<T>(dims: AttnDims) -> Plan {
+        let threads = num_threads();
+        let per_item = dims.l * dims.s * dims.e.max(dims.ev);
+        let items = dims.items >= threads || per_item < GEMM_PAR_MIN;
+        match tiled::Tiles::new::<T>(dims.e, dims.ev) {
+            Some(t) if items => Plan::Tiled(t),
+            _ if threads > 1 && items => Plan::Items,
+            _ => Plan::Gemms,
+        }
+    }
+}
+
+/// Run `f(item, parallel_gemm)` for every item as `plan` says.
+fn for_items(dims: AttnDims, plan: Plan, f: impl Fn(usize, bool) + Sync) {
+    if plan == Plan::Gemms || num_threads() == 1 || dims.items == 1 {
+        (0..dims.items).for_each(|i| f(i, plan == Plan::Gemms));
     } else {
-        (0..dims.items).for_each(|i| f(i, true));
+        install(|| (0..dims.items).into_par_iter().for_each(|i| f(i, false)));
+    }
+}
+
+/// Item `i`'s rows of an operand.
+fn rows_of<T>((data, lay): Operand<T>, i: usize) -> tiled::Rows<T> {
+    tiled::Rows {
+        ptr: data[lay.base(i)..].as_ptr(),
+        stride: lay.row_stride,
     }
 }
 
@@ -154,14 +187,10 @@ fn softmax_row<T: GemmFloat>(row: &mut [T], i: usize, causal: bool) {
     let (live, blocked) = row.split_at_mut(n);
     blocked.fill(T::ZERO);
     let m = reduce::max(live);
-    let mut sum = T::ZERO;
     for v in live.iter_mut() {
         *v = (*v - m).exp();
     }
-    for &v in live.iter() {
-        sum += v;
-    }
-    let inv = T::ONE / sum;
+    let inv = T::ONE / reduce::sum(live);
     for v in live.iter_mut() {
         *v *= inv;
     }
@@ -196,6 +225,19 @@ pub fn attention_forward<T: GemmFloat>(
     scale: T,
     causal: bool,
 ) -> (Vec<T>, Vec<T>) {
+    let plan = Plan::for_dims::<T>(dims);
+    forward_with(plan, dims, (q, lq), (k, lk), (v, lv), scale, causal)
+}
+
+fn forward_with<T: GemmFloat>(
+    plan: Plan,
+    dims: AttnDims,
+    (q, lq): Operand<T>,
+    (k, lk): Operand<T>,
+    (v, lv): Operand<T>,
+    scale: T,
+    causal: bool,
+) -> (Vec<T>, Vec<T>) {
     let AttnDims { items, l, s, e, ev } = dims;
     let lo = output_layout(dims, (q, lq), (k, lk), (v, lv));
     // Written in full below: every item's GEMMs (beta = 0) and row pass; the items' blocks
@@ -208,7 +250,34 @@ pub fn attention_forward<T: GemmFloat>(
         SendPtr(p.as_mut_ptr().cast::<T>()),
         SendPtr(out.as_mut_ptr().cast::<T>()),
     );
-    for_items(dims, |i, par| {
+    if let Plan::Tiled(tiles) = plan {
+        let it = tiled::Item {
+            l,
+            s,
+            e,
+            ev,
+            scale,
+            causal,
+        };
+        for_items(dims, plan, |i, _| {
+            let o = tiled::RowsMut {
+                // SAFETY: item i's block of out starts there (the output layout tiles it).
+                ptr: unsafe { po.get().add(lo.base(i)) },
+                stride: lo.row_stride,
+            };
+            let (qi, ki, vi) = (
+                rows_of((q, lq), i),
+                rows_of((k, lk), i),
+                rows_of((v, lv), i),
+            );
+            // SAFETY: the layouts were checked to fit their storage; item i's blocks of p
+            // and out are written by this task only.
+            unsafe { tiled::forward(tiles, it, qi, ki, vi, pp.get().add(i * l * s), o) };
+        });
+        // SAFETY: every item wrote its whole blocks of p and out, which tile both.
+        return unsafe { (assume_init(p), assume_init(out)) };
+    }
+    for_items(dims, plan, |i, par| {
         let (qi, ki, vi) = (&q[lq.base(i)..], &k[lk.base(i)..], &v[lv.base(i)..]);
         // SAFETY: item i's blocks of p and out are written by this task only; the inputs
         // are read inside their slices (checked layouts).
@@ -251,7 +320,8 @@ pub fn attention_forward<T: GemmFloat>(
 /// `g` (merged-head layout), returns the gradients of `q`, `k` and `v` in one buffer. With
 /// `packed`, `q`, `k` and `v` must be the three thirds of one `[B, L, 3E]` projection (layouts
 /// `AttnLayout::heads(0 | E | 2E, H, L, E / H, 3E)`) and the buffer has that shape; otherwise
-/// they must be contiguous and the buffer holds `dq`, then `dk`, then `dv`.
+/// they must be contiguous and the buffer holds `dq`, then `dk`, then `dv`. `causal` must be
+/// as in the forward pass (it only lets the backward pass skip the blocked scores).
 ///
 /// # Panics
 /// If the layouts are not one of those two forms or do not fit their storage.
@@ -264,6 +334,35 @@ pub fn attention_backward<T: GemmFloat>(
     p: &[T],
     g: &[T],
     scale: T,
+    causal: bool,
+    packed: bool,
+) -> Vec<T> {
+    let plan = Plan::for_dims::<T>(dims);
+    backward_with(
+        plan,
+        dims,
+        (q, lq),
+        (k, lk),
+        (v, lv),
+        p,
+        g,
+        scale,
+        causal,
+        packed,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_with<T: GemmFloat>(
+    plan: Plan,
+    dims: AttnDims,
+    (q, lq): Operand<T>,
+    (k, lk): Operand<T>,
+    (v, lv): Operand<T>,
+    p: &[T],
+    g: &[T],
+    scale: T,
+    causal: bool,
     packed: bool,
 ) -> Vec<T> {
     let AttnDims { items, l, s, e, ev } = dims;
@@ -298,7 +397,47 @@ pub fn attention_backward<T: GemmFloat>(
     // Every element is written: the items' blocks of dq, dk and dv tile the buffer.
     let mut grads = uninit_buf::<T>(len);
     let pg = SendPtr(grads.as_mut_ptr().cast::<T>());
-    for_items(dims, |i, par| {
+    if let Plan::Tiled(tiles) = plan {
+        let it = tiled::Item {
+            l,
+            s,
+            e,
+            ev,
+            scale,
+            causal,
+        };
+        for_items(dims, plan, |i, _| {
+            let out = |lay: AttnLayout| tiled::RowsMut {
+                // SAFETY: item i's block of a gradient starts there (its layout tiles the
+                // buffer).
+                ptr: unsafe { pg.get().add(lay.base(i)) },
+                stride: lay.row_stride,
+            };
+            let (qi, ki, vi) = (
+                rows_of((q, lq), i),
+                rows_of((k, lk), i),
+                rows_of((v, lv), i),
+            );
+            let gi = rows_of((g, lo), i);
+            // SAFETY: the layouts were checked to fit their storage and p, g their sizes;
+            // item i's blocks of the gradients are written by this task only.
+            unsafe {
+                tiled::backward(
+                    tiles,
+                    it,
+                    qi,
+                    ki,
+                    vi,
+                    p[i * l * s..].as_ptr(),
+                    gi,
+                    (out(gq), out(gk), out(gv)),
+                )
+            };
+        });
+        // SAFETY: every item wrote its whole blocks of dq, dk and dv, which tile the buffer.
+        return unsafe { assume_init(grads) };
+    }
+    for_items(dims, plan, |i, par| {
         let (qi, ki, vi) = (&q[lq.base(i)..], &k[lk.base(i)..], &v[lv.base(i)..]);
         let (pi, gi) = (&p[i * l * s..(i + 1) * l * s], &g[lo.base(i)..]);
         let (rq, rk, rv, rg) = (lq.row_stride, lk.row_stride, lv.row_stride, lo.row_stride);
@@ -509,4 +648,232 @@ pub fn cached_attention<T: GemmFloat>(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    type Mat = Vec<Vec<f64>>;
+
+    /// Rows `0..n` (`w` wide) of item `i` of an operand, in f64.
+    fn item<T: Copy + Into<f64>>((d, lay): Operand<T>, i: usize, n: usize, w: usize) -> Mat {
+        (0..n)
+            .map(|r| {
+                let at = lay.base(i) + r * lay.row_stride;
+                d[at..at + w].iter().map(|&x| x.into()).collect()
+            })
+            .collect()
+    }
+
+    /// `[n × w]` with entries `Σ_y a(x, y) · b(y, c)`.
+    fn prod(
+        n: usize,
+        m: usize,
+        w: usize,
+        a: impl Fn(usize, usize) -> f64,
+        b: impl Fn(usize, usize) -> f64,
+    ) -> Mat {
+        (0..n)
+            .map(|x| {
+                (0..w)
+                    .map(|c| (0..m).map(|y| a(x, y) * b(y, c)).sum())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The attention of one item and its gradients in f64, from the definitions:
+    /// `[p, out, dq, dk, dv]`.
+    fn reference(q: &Mat, k: &Mat, v: &Mat, g: &Mat, scale: f64, causal: bool) -> [Mat; 5] {
+        let (l, s, e, ev) = (q.len(), k.len(), q[0].len(), v[0].len());
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let p: Mat = (0..l)
+            .map(|i| {
+                let live = if causal { (i + 1).min(s) } else { s };
+                let sc: Vec<f64> = (0..live).map(|j| dot(&q[i], &k[j]) * scale).collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                (0..s)
+                    .map(|j| {
+                        if j < live {
+                            (sc[j] - m).exp() / sum
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let out = prod(l, s, ev, |i, j| p[i][j], |j, c| v[j][c]);
+        let dp = prod(l, ev, s, |i, c| g[i][c], |c, j| v[j][c]);
+        let ds: Mat = (0..l)
+            .map(|i| {
+                let d = dot(&dp[i], &p[i]);
+                (0..s).map(|j| p[i][j] * (dp[i][j] - d) * scale).collect()
+            })
+            .collect();
+        let dq = prod(l, s, e, |i, j| ds[i][j], |j, c| k[j][c]);
+        let dk = prod(s, l, e, |j, i| ds[i][j], |i, c| q[i][c]);
+        let dv = prod(s, l, ev, |j, i| p[i][j], |i, c| g[i][c]);
+        [p, out, dq, dk, dv]
+    }
+
+    fn assert_close(what: &str, got: &Mat, want: &Mat, tol: f64) {
+        for (r, (gr, wr)) in got.iter().zip(want).enumerate() {
+            for (c, (&x, &y)) in gr.iter().zip(wr).enumerate() {
+                assert!(
+                    (x - y).abs() <= tol * (1.0 + y.abs()),
+                    "{what}[{r}][{c}]: {x} vs {y}"
+                );
+            }
+        }
+    }
+
+    /// Every plan this machine has (tiled kernels at each SIMD level, GEMMs per item and
+    /// threaded GEMMs) against the f64 definitions, forward and backward, for contiguous and
+    /// packed operands, causal or not, with partial tiles and chunks.
+    fn check<T: GemmFloat + Into<f64>>(from: impl Fn(f64) -> T, tol: f64) {
+        // (batch, heads, l, s, e, ev)
+        let shapes = [
+            (1, 1, 1, 1, 8, 8),
+            (2, 2, 13, 45, 16, 24),
+            (1, 3, 65, 65, 32, 32),
+            (1, 2, 128, 128, 32, 32),
+            (2, 1, 30, 70, 64, 64),
+            (1, 2, 70, 30, 8, 16),
+            (1, 1, 5, 200, 40, 8),
+            (1, 2, 9, 9, 12, 12),
+        ];
+        for level in ["", "avx2", "plain"] {
+            crate::kernels::set_simd_cap_for_tests(level);
+            for &(b, h, l, s, e, ev) in &shapes {
+                let items = b * h;
+                let dims = AttnDims { items, l, s, e, ev };
+                let scale = 1.0 / (e as f64).sqrt();
+                let conv = |v: Vec<f64>| v.into_iter().map(&from).collect::<Vec<T>>();
+                let g = conv(data(items * l * ev, 4));
+                let mut plans = vec![Plan::Items, Plan::Gemms];
+                plans.extend(tiled::Tiles::new::<T>(e, ev).map(Plan::Tiled));
+                for causal in [false, true] {
+                    for packed in [false, true] {
+                        if packed && (l != s || e != ev) {
+                            continue;
+                        }
+                        // Packed: the thirds of one projection; else separate tensors.
+                        let (bq, bk, bv, lq, lk, lv) = if packed {
+                            let w = h * e;
+                            let third = |o| AttnLayout::heads(o, h, l, e, 3 * w);
+                            let buf = conv(data(b * l * 3 * w, 1));
+                            (
+                                buf.clone(),
+                                buf.clone(),
+                                buf,
+                                third(0),
+                                third(w),
+                                third(2 * w),
+                            )
+                        } else {
+                            (
+                                conv(data(items * l * e, 1)),
+                                conv(data(items * s * e, 2)),
+                                conv(data(items * s * ev, 3)),
+                                AttnLayout::contiguous(l, e),
+                                AttnLayout::contiguous(s, e),
+                                AttnLayout::contiguous(s, ev),
+                            )
+                        };
+                        let (q, k, v) = ((&bq[..], lq), (&bk[..], lk), (&bv[..], lv));
+                        // Heads merged in the output's rows as many as q's layout has.
+                        let lo = AttnLayout::heads(0, lq.heads, l, ev, lq.heads * ev);
+                        for &plan in &plans {
+                            let what = format!(
+                                "{plan:?} {:?} causal {causal} packed {packed}",
+                                (b, h, l, s, e, ev)
+                            );
+                            let sc = from(scale);
+                            let (p, out) = forward_with(plan, dims, q, k, v, sc, causal);
+                            let grads =
+                                backward_with(plan, dims, q, k, v, &p, &g, sc, causal, packed);
+                            let (gq, gk, gv) = if packed {
+                                (lq, lk, lv)
+                            } else {
+                                let (nq, nk) = (items * l * e, items * s * e);
+                                let at = |o, lay: AttnLayout| AttnLayout { offset: o, ..lay };
+                                (
+                                    AttnLayout::contiguous(l, e),
+                                    at(nq, AttnLayout::contiguous(s, e)),
+                                    at(nq + nk, AttnLayout::contiguous(s, ev)),
+                                )
+                            };
+                            for i in 0..items {
+                                let want = reference(
+                                    &item(q, i, l, e),
+                                    &item(k, i, s, e),
+                                    &item(v, i, s, ev),
+                                    &item((&g[..], lo), i, l, ev),
+                                    scale,
+                                    causal,
+                                );
+                                let pl = AttnLayout::contiguous(l, s);
+                                assert_close(
+                                    &format!("{what} p"),
+                                    &item((&p[..], pl), i, l, s),
+                                    &want[0],
+                                    tol,
+                                );
+                                assert_close(
+                                    &format!("{what} out"),
+                                    &item((&out[..], lo), i, l, ev),
+                                    &want[1],
+                                    tol,
+                                );
+                                assert_close(
+                                    &format!("{what} dq"),
+                                    &item((&grads[..], gq), i, l, e),
+                                    &want[2],
+                                    tol,
+                                );
+                                assert_close(
+                                    &format!("{what} dk"),
+                                    &item((&grads[..], gk), i, s, e),
+                                    &want[3],
+                                    tol,
+                                );
+                                assert_close(
+                                    &format!("{what} dv"),
+                                    &item((&grads[..], gv), i, s, ev),
+                                    &want[4],
+                                    tol,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        crate::kernels::set_simd_cap_for_tests("");
+    }
+
+    #[test]
+    fn every_plan_matches_the_definition_f64() {
+        check::<f64>(|x| x, 1e-11);
+    }
+
+    #[test]
+    fn every_plan_matches_the_definition_f32() {
+        check::<f32>(|x| x as f32, 2e-5);
+    }
 }
