@@ -10,17 +10,24 @@ use crate::threading::{install, num_threads, par_elemwise_min};
 
 const LANES: usize = 16;
 
-/// Pairwise sum of the accumulator lanes.
+/// `f` over the lanes of `acc` pairwise (halves, quarters, …: a few vector operations instead
+/// of a serial chain); `N` a power of two.
 #[inline(always)]
-fn fold_lanes<T: Float>(mut acc: [T; LANES]) -> T {
-    let mut w = LANES;
+pub(crate) fn fold_pairs<T: Copy, const N: usize>(mut acc: [T; N], f: impl Fn(T, T) -> T) -> T {
+    let mut w = N;
     while w > 1 {
         w /= 2;
         for i in 0..w {
-            acc[i] += acc[i + w];
+            acc[i] = f(acc[i], acc[i + w]);
         }
     }
     acc[0]
+}
+
+/// Pairwise sum of the accumulator lanes.
+#[inline(always)]
+fn fold_lanes<T: Float>(acc: [T; LANES]) -> T {
+    fold_pairs(acc, |a, b| a + b)
 }
 
 /// Sum of a slice with 16 independent accumulators: vectorises, and its error grows far more
@@ -143,10 +150,7 @@ pub fn max<T: Float>(x: &[T]) -> T {
     for &r in rest {
         m = m.max(r);
     }
-    for a in acc {
-        m = m.max(a);
-    }
-    m
+    m.max(fold_pairs(acc, T::max))
 }
 
 /// Apply `f` to each of `rows` contiguous rows of length `row_len`, in parallel when large.
