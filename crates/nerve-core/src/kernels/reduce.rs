@@ -10,24 +10,17 @@ use crate::threading::{install, num_threads, par_elemwise_min};
 
 const LANES: usize = 16;
 
-/// `f` over the lanes of `acc` pairwise (halves, quarters, …: a few vector operations instead
-/// of a serial chain); `N` a power of two.
+/// Pairwise sum of the accumulator lanes.
 #[inline(always)]
-pub(crate) fn fold_pairs<T: Copy, const N: usize>(mut acc: [T; N], f: impl Fn(T, T) -> T) -> T {
-    let mut w = N;
+fn fold_lanes<T: Float>(mut acc: [T; LANES]) -> T {
+    let mut w = LANES;
     while w > 1 {
         w /= 2;
         for i in 0..w {
-            acc[i] = f(acc[i], acc[i + w]);
+            acc[i] += acc[i + w];
         }
     }
     acc[0]
-}
-
-/// Pairwise sum of the accumulator lanes.
-#[inline(always)]
-fn fold_lanes<T: Float>(acc: [T; LANES]) -> T {
-    fold_pairs(acc, |a, b| a + b)
 }
 
 /// Sum of a slice with 16 independent accumulators: vectorises, and its error grows far more
@@ -150,7 +143,10 @@ pub fn max<T: Float>(x: &[T]) -> T {
     for &r in rest {
         m = m.max(r);
     }
-    m.max(fold_pairs(acc, T::max))
+    for a in acc {
+        m = m.max(a);
+    }
+    m
 }
 
 /// Apply `f` to each of `rows` contiguous rows of length `row_len`, in parallel when large.
