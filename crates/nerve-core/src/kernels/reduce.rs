@@ -149,6 +149,27 @@ pub fn max<T: Float>(x: &[T]) -> T {
     m
 }
 
+/// Largest element for a softmax shift: `-inf` for an empty slice; with a NaN in `x` the
+/// result is unspecified (a value of `x` or NaN), which a softmax does not mind: `e^(NaN − m)`
+/// makes its row NaN either way. A plain `>` select per lane, which compiles to one vector
+/// max instruction, where [`max`]'s NaN propagation costs three.
+#[inline(always)]
+pub fn max_shift<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = T::NEG_INFINITY;
+    for &r in rest.iter().chain(&acc) {
+        m = if r > m { r } else { m };
+    }
+    m
+}
+
 /// Apply `f` to each of `rows` contiguous rows of length `row_len`, in parallel when large.
 #[inline(always)]
 pub fn rows<T: Sync, U: Send>(
@@ -326,7 +347,7 @@ pub fn exp_sub_sum<T: Float>(x: &[T], m: T, out: &mut [MaybeUninit<T>]) -> T {
 #[inline(always)]
 pub fn softmax_row<T: Float>(x: &[T], out: &mut [MaybeUninit<T>]) {
     assert_eq!(x.len(), out.len());
-    let m = max(x);
+    let m = max_shift(x);
     let inv = T::ONE / exp_sub_sum(x, m, out);
     // SAFETY: exp_sub_sum wrote every element.
     let out = unsafe { assume_init_mut(out) };
@@ -339,9 +360,50 @@ pub fn softmax_row<T: Float>(x: &[T], out: &mut [MaybeUninit<T>]) {
 #[inline(always)]
 pub fn log_softmax_row<T: Float>(x: &[T], out: &mut [MaybeUninit<T>]) {
     assert_eq!(x.len(), out.len());
-    let m = max(x);
+    let m = max_shift(x);
     let lse = exp_sub_sum(x, m, out).ln() + m;
     for (o, &v) in out.iter_mut().zip(x) {
         o.write(v - lse);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `max_shift` agrees with `max` without NaNs, and a NaN anywhere in a row (in the vector
+    /// part or the remainder) makes the whole softmax / log-softmax row NaN, as PyTorch's.
+    #[test]
+    fn softmax_shift_and_nan_rows() {
+        for n in [1usize, 5, 16, 37, 64] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 23) as f32 * 0.5 - 3.0)
+                .collect();
+            assert_eq!(max_shift(&x), max(&x), "n = {n}");
+            let mut out = vec![MaybeUninit::<f32>::uninit(); n];
+            softmax_row(&x, &mut out);
+            // SAFETY: softmax_row wrote every element.
+            let p = unsafe { assume_init_mut(&mut out) };
+            let total: f32 = p.iter().sum();
+            assert!((total - 1.0).abs() < 1e-5, "n = {n}: sum {total}");
+            for at in [0, n / 2, n - 1] {
+                let mut y = x.clone();
+                y[at] = f32::NAN;
+                let mut out = vec![MaybeUninit::<f32>::uninit(); n];
+                softmax_row(&y, &mut out);
+                // SAFETY: as above.
+                let p = unsafe { assume_init_mut(&mut out) };
+                assert!(p.iter().all(|v| v.is_nan()), "softmax n = {n}, NaN at {at}");
+                let mut out = vec![MaybeUninit::<f32>::uninit(); n];
+                log_softmax_row(&y, &mut out);
+                // SAFETY: as above.
+                let p = unsafe { assume_init_mut(&mut out) };
+                assert!(
+                    p.iter().all(|v| v.is_nan()),
+                    "log_softmax n = {n}, NaN at {at}"
+                );
+            }
+        }
+        assert_eq!(max_shift::<f64>(&[]), f64::NEG_INFINITY);
     }
 }

@@ -186,7 +186,7 @@ fn softmax_row<T: GemmFloat>(row: &mut [T], i: usize, causal: bool) {
     };
     let (live, blocked) = row.split_at_mut(n);
     blocked.fill(T::ZERO);
-    let m = reduce::max(live);
+    let m = reduce::max_shift(live);
     for v in live.iter_mut() {
         *v = (*v - m).exp();
     }
