@@ -304,22 +304,53 @@ unsafe fn tile_w<
     }
 }
 
-/// Column chunks `(start, width)` covering `0..n` (`n` a multiple of `N4`): `N1` wide while
-/// that fits, then at most one `N2` and one `N4`.
+/// `C = alpha · A·B` for rows `0..rows` and columns `0..n` (`n` a multiple of `N4`) in column
+/// chunks of [`tile`]: `N1` wide while that fits, then at most one `N2` and one `N4`. B's and
+/// C's chunks start `c0` values into their rows; only columns below `store` are written.
+///
+/// # Safety
+/// As [`tile`] for every chunk: B readable at columns `< n` of rows `< depth`, C writable at
+/// columns `< min(n, store)` of rows `< rows`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn chunks<const N1: usize, const N2: usize, const N4: usize>(
+unsafe fn product<
+    T: Float,
+    const R: usize,
+    const N1: usize,
+    const N2: usize,
+    const N4: usize,
+    const AT: bool,
+>(
     n: usize,
-    mut f: impl FnMut(usize, usize),
+    store: usize,
+    depth: usize,
+    a: (*const T, usize),
+    rows: usize,
+    (b, ldb): (*const T, usize),
+    (c, ldc): (*mut T, usize),
+    alpha: T,
 ) {
-    let mut c = 0;
-    while c < n {
-        let w = match n - c {
+    let mut c0 = 0;
+    while c0 < n {
+        let w = match n - c0 {
             left if left >= N1 => N1,
             left if left >= N2 => N2,
             _ => N4,
         };
-        f(c, w);
-        c += w;
+        // SAFETY: chunk c0..c0 + w lies inside the columns the caller vouches for.
+        unsafe {
+            tile_w::<T, R, N1, N2, N4, AT>(
+                w,
+                depth,
+                a,
+                rows,
+                (b.add(c0), ldb),
+                (c.add(c0), ldc),
+                w.min(store - c0),
+                alpha,
+            )
+        };
+        c0 += w;
     }
 }
 
@@ -359,45 +390,29 @@ unsafe fn forward_item<
             unsafe {
                 let pr = p.add(r0 * s);
                 let qa = (q.ptr.add(r0 * q.stride), q.stride);
-                chunks::<N1, N2, N4>(
+                product::<T, R, N1, N2, N4, false>(
                     live.next_multiple_of(N4),
-                    #[inline(always)]
-                    |c0, w| {
-                        let b = (kt.add(c0).cast_const(), s_pad);
-                        let c = (pr.add(c0), s);
-                        tile_w::<T, R, N1, N2, N4, false>(
-                            w,
-                            e,
-                            qa,
-                            rows,
-                            b,
-                            c,
-                            w.min(s - c0),
-                            it.scale,
-                        );
-                    },
+                    s,
+                    e,
+                    qa,
+                    rows,
+                    (kt.cast_const(), s_pad),
+                    (pr, s),
+                    it.scale,
                 );
                 let prows = std::slice::from_raw_parts_mut(pr, rows * s);
                 for (r, row) in prows.chunks_exact_mut(s).enumerate() {
                     softmax_row(row, r0 + r, it.causal);
                 }
-                chunks::<N1, N2, N4>(
+                product::<T, R, N1, N2, N4, false>(
                     ev,
-                    #[inline(always)]
-                    |c0, w| {
-                        let b = (v.ptr.add(c0), v.stride);
-                        let c = (o.ptr.add(r0 * o.stride + c0), o.stride);
-                        tile_w::<T, R, N1, N2, N4, false>(
-                            w,
-                            live,
-                            (pr.cast_const(), s),
-                            rows,
-                            b,
-                            c,
-                            w,
-                            T::ONE,
-                        );
-                    },
+                    ev,
+                    live,
+                    (pr.cast_const(), s),
+                    rows,
+                    (v.ptr, v.stride),
+                    (o.ptr.add(r0 * o.stride), o.stride),
+                    T::ONE,
                 );
             }
             r0 += rows;
@@ -448,14 +463,15 @@ unsafe fn backward_item<
             unsafe {
                 let dsr = ds.add(r0 * s_pad);
                 let ga = (g.ptr.add(r0 * g.stride), g.stride);
-                chunks::<N1, N2, N4>(
+                product::<T, R, N1, N2, N4, false>(
                     n,
-                    #[inline(always)]
-                    |c0, w| {
-                        let b = (vt.add(c0).cast_const(), s_pad);
-                        let c = (dsr.add(c0), s_pad);
-                        tile_w::<T, R, N1, N2, N4, false>(w, ev, ga, rows, b, c, w, T::ONE);
-                    },
+                    n,
+                    ev,
+                    ga,
+                    rows,
+                    (vt.cast_const(), s_pad),
+                    (dsr, s_pad),
+                    T::ONE,
                 );
                 for r in 0..rows {
                     let d = std::slice::from_raw_parts_mut(dsr.add(r * s_pad), s_pad);
@@ -470,23 +486,15 @@ unsafe fn backward_item<
                     let zeros = d_rest.len().min(R);
                     d_rest[..zeros].fill(T::ZERO);
                 }
-                chunks::<N1, N2, N4>(
+                product::<T, R, N1, N2, N4, false>(
                     e,
-                    #[inline(always)]
-                    |c0, w| {
-                        let b = (k.ptr.add(c0), k.stride);
-                        let c = (dq.ptr.add(r0 * dq.stride + c0), dq.stride);
-                        tile_w::<T, R, N1, N2, N4, false>(
-                            w,
-                            live,
-                            (dsr.cast_const(), s_pad),
-                            rows,
-                            b,
-                            c,
-                            w,
-                            T::ONE,
-                        );
-                    },
+                    e,
+                    live,
+                    (dsr.cast_const(), s_pad),
+                    rows,
+                    (k.ptr, k.stride),
+                    (dq.ptr.add(r0 * dq.stride), dq.stride),
+                    T::ONE,
                 );
             }
             r0 += rows;
@@ -504,24 +512,26 @@ unsafe fn backward_item<
             // j0..j0 + keys of dv and dk.
             unsafe {
                 let pa = (p.add(first * s + j0), s);
-                chunks::<N1, N2, N4>(
+                product::<T, R, N1, N2, N4, true>(
                     ev,
-                    #[inline(always)]
-                    |c0, w| {
-                        let b = (g.ptr.add(first * g.stride + c0), g.stride);
-                        let c = (dv.ptr.add(j0 * dv.stride + c0), dv.stride);
-                        tile_w::<T, R, N1, N2, N4, true>(w, depth, pa, keys, b, c, w, T::ONE);
-                    },
+                    ev,
+                    depth,
+                    pa,
+                    keys,
+                    (g.ptr.add(first * g.stride), g.stride),
+                    (dv.ptr.add(j0 * dv.stride), dv.stride),
+                    T::ONE,
                 );
                 let da = (ds.add(first * s_pad + j0).cast_const(), s_pad);
-                chunks::<N1, N2, N4>(
+                product::<T, R, N1, N2, N4, true>(
                     e,
-                    #[inline(always)]
-                    |c0, w| {
-                        let b = (q.ptr.add(first * q.stride + c0), q.stride);
-                        let c = (dk.ptr.add(j0 * dk.stride + c0), dk.stride);
-                        tile_w::<T, R, N1, N2, N4, true>(w, depth, da, keys, b, c, w, T::ONE);
-                    },
+                    e,
+                    depth,
+                    da,
+                    keys,
+                    (q.ptr.add(first * q.stride), q.stride),
+                    (dk.ptr.add(j0 * dk.stride), dk.stride),
+                    T::ONE,
                 );
             }
             j0 += keys;
