@@ -103,6 +103,20 @@ pub(crate) unsafe fn assume_init_mut<U>(s: &mut [MaybeUninit<U>]) -> &mut [U] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
 }
 
+/// Deterministic test values in [-1, 1] (an xorshift sequence from `seed`).
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f64 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
 /// The widest SIMD instruction set the kernels use on this machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SimdLevel {

@@ -654,15 +654,11 @@ pub fn cached_attention<T: GemmFloat>(
 mod tests {
     use super::*;
 
+    /// Test values in [-2, 2].
     fn data(len: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-            })
+        crate::kernels::test_data(len, seed)
+            .into_iter()
+            .map(|x| 2.0 * x)
             .collect()
     }
 
@@ -828,36 +824,16 @@ mod tests {
                                     causal,
                                 );
                                 let pl = AttnLayout::contiguous(l, s);
-                                assert_close(
-                                    &format!("{what} p"),
-                                    &item((&p[..], pl), i, l, s),
-                                    &want[0],
-                                    tol,
-                                );
-                                assert_close(
-                                    &format!("{what} out"),
-                                    &item((&out[..], lo), i, l, ev),
-                                    &want[1],
-                                    tol,
-                                );
-                                assert_close(
-                                    &format!("{what} dq"),
-                                    &item((&grads[..], gq), i, l, e),
-                                    &want[2],
-                                    tol,
-                                );
-                                assert_close(
-                                    &format!("{what} dk"),
-                                    &item((&grads[..], gk), i, s, e),
-                                    &want[3],
-                                    tol,
-                                );
-                                assert_close(
-                                    &format!("{what} dv"),
-                                    &item((&grads[..], gv), i, s, ev),
-                                    &want[4],
-                                    tol,
-                                );
+                                let got = [
+                                    ("p", item((&p[..], pl), i, l, s)),
+                                    ("out", item((&out[..], lo), i, l, ev)),
+                                    ("dq", item((&grads[..], gq), i, l, e)),
+                                    ("dk", item((&grads[..], gk), i, s, e)),
+                                    ("dv", item((&grads[..], gv), i, s, ev)),
+                                ];
+                                for ((name, g), w) in got.iter().zip(&want) {
+                                    assert_close(&format!("{what} {name}"), g, w, tol);
+                                }
                             }
                         }
                     }

@@ -984,17 +984,7 @@ mod tests {
         c
     }
 
-    fn data(len: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 2001) as f64 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_data as data;
 
     /// Every shape class (edges in m, n and k, several k blocks, A/B transposed, alpha/beta)
     /// for both element types and every kernel this machine has.
