@@ -21,38 +21,7 @@ fn main() -> Result<()> {
     let ids = Tensor::from_vec(ids, [16, 128])?;
     let targets = Tensor::from_vec(targets, [16 * 128])?;
     let h = Tensor::randn([16, 128, 128]).requires_grad_(true);
-    let blk = &model.h[0];
-    time("block forward (no grad)", &mut || {
-        nerve_core::no_grad(|| blk.forward(&h))?;
-        Ok(())
-    })?;
-    time("block fwd + bwd", &mut || {
-        blk.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
-    time("layer norm fwd + bwd", &mut || {
-        blk.ln_1.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
-    time("attention fwd + bwd", &mut || {
-        blk.attn.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
-    let qkv = Tensor::randn([16, 128, 384]).requires_grad_(true);
-    time("attention core (packed, causal) fwd", &mut || {
-        nerve_nn::packed_self_attention(&qkv, 4, true)?;
-        Ok(())
-    })?;
-    time("attention core (packed, causal) fwd + bwd", &mut || {
-        nerve_nn::packed_self_attention(&qkv, 4, true)?
-            .sum()?
-            .backward()?;
-        Ok(())
-    })?;
-    time("mlp fwd + bwd", &mut || {
-        blk.mlp.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
+    timer.block_parts(&model.h[0], &h, 4, true)?;
     let u = Tensor::randn([16, 128, 512]).requires_grad_(true);
     time("gelu [16, 128, 512] fwd (no grad)", &mut || {
         nerve_core::no_grad(|| u.gelu_tanh())?;

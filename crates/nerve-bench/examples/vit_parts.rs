@@ -24,37 +24,7 @@ fn main() -> Result<()> {
         model.patch_embed.forward(&x)?.sum()?.backward()?;
         Ok(())
     })?;
-    time("block forward (no grad)", &mut || {
-        nerve_core::no_grad(|| blk.forward(&h))?;
-        Ok(())
-    })?;
-    time("block fwd + bwd", &mut || {
-        blk.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
-    time("layer norm fwd + bwd", &mut || {
-        blk.ln_1.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
-    time("attention fwd + bwd", &mut || {
-        blk.attn.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
-    let qkv = Tensor::randn([32, 65, 384]).requires_grad_(true);
-    time("attention core (packed, 4 heads) fwd", &mut || {
-        nerve_nn::packed_self_attention(&qkv, 4, false)?;
-        Ok(())
-    })?;
-    time("attention core (packed, 4 heads) fwd + bwd", &mut || {
-        nerve_nn::packed_self_attention(&qkv, 4, false)?
-            .sum()?
-            .backward()?;
-        Ok(())
-    })?;
-    time("mlp fwd + bwd", &mut || {
-        blk.mlp.forward(&h)?.sum()?.backward()?;
-        Ok(())
-    })?;
+    timer.block_parts(blk, &h, 4, false)?;
     time("fc1 (linear 128→512) fwd + bwd", &mut || {
         blk.mlp.fc.forward(&h)?.sum()?.backward()?;
         Ok(())

@@ -1,7 +1,7 @@
 //! The timing loop of the `*_parts` examples.
 
 use nerve_core::{Result, Tensor};
-use nerve_nn::Optimizer;
+use nerve_nn::{Module, Optimizer, TransformerBlock};
 
 /// The allocator and setting of the `nerve-bench` binary (see its `keep_freed_memory`), so the
 /// parts are timed as the workloads run: glibc's allocator would add page faults to every step.
@@ -76,5 +76,35 @@ impl Timer {
             opt.zero_grad();
             Ok(())
         })
+    }
+
+    /// Time one Transformer block on `h` (`[batch, seq, width]`, requiring grad) and its
+    /// parts: the block, a layer norm, the attention and its fused core on a packed
+    /// projection of `heads` heads (causal or not), and the MLP; forward and forward +
+    /// backward.
+    #[allow(dead_code)] // not every example has a Transformer block
+    pub fn block_parts(
+        &self,
+        blk: &TransformerBlock,
+        h: &Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<()> {
+        let time = |name: &str, f: &mut dyn FnMut() -> Result<()>| self.time(name, f);
+        let fwd_bwd = |m: &dyn Module| m.forward(h)?.sum()?.backward();
+        time("block forward (no grad)", &mut || {
+            nerve_core::no_grad(|| blk.forward(h)).map(drop)
+        })?;
+        time("block fwd + bwd", &mut || fwd_bwd(blk))?;
+        time("layer norm fwd + bwd", &mut || fwd_bwd(&blk.ln_1))?;
+        time("attention fwd + bwd", &mut || fwd_bwd(&blk.attn))?;
+        let d = h.dims();
+        let qkv = Tensor::randn([d[0], d[1], 3 * d[2]]).requires_grad_(true);
+        let core = || nerve_nn::packed_self_attention(&qkv, heads, causal);
+        time("attention core (packed) fwd", &mut || core().map(drop))?;
+        time("attention core (packed) fwd + bwd", &mut || {
+            core()?.sum()?.backward()
+        })?;
+        time("mlp fwd + bwd", &mut || fwd_bwd(&blk.mlp))
     }
 }
