@@ -303,14 +303,11 @@ pub fn lstm_forward<T: GemmFloat>(
     let m_part = rows_per_part(&split, b);
     let nr = T::kernel_for(m_part).nr;
     let hsp = hs.next_multiple_of(nr);
-    let packed = PackedB::from_fn(m_part, hs, 4 * hsp, |p, col| {
-        let (g, j) = (col / hsp, col % hsp);
-        if j < hs {
-            w_hh[(g * hs + j) * hs + p]
-        } else {
-            T::ZERO
-        }
-    });
+    let mut packed = PackedB::zeroed(m_part, hs, 4 * hsp);
+    for (g, w_g) in w_hh.chunks_exact(hs * hs).enumerate() {
+        // Column j of gate g is row g·H + j of W_hh.
+        packed.fill(g * hsp, hs, w_g, 1, hs);
+    }
     let mut hp = vec![T::ZERO; b * 4 * hsp];
     let hp_p = SendPtr(hp.as_mut_ptr());
     let out_p = SendPtr(out.as_mut_ptr().cast::<T>());
@@ -440,7 +437,8 @@ pub fn lstm_backward<T: GemmFloat>(
     // Written in full: every step writes its time index's rows and units.
     let mut da = uninit_buf::<T>(steps * b * h4);
     let split = split(dims, T::kernel_for(b).nr);
-    let packed = PackedB::from_fn(rows_per_part(&split, b), h4, hs, |p, j| w_hh[p * hs + j]);
+    let mut packed = PackedB::zeroed(rows_per_part(&split, b), h4, hs);
+    packed.fill(0, hs, w_hh, hs, 1);
     // With a row split every thread sums the bias gradient of all units over its rows into
     // a block of its own (then added up); with a unit split they write disjoint units of one.
     let parts_db = match &split {
@@ -634,6 +632,15 @@ mod tests {
                 },
                 false,
             ),
+            // Whole panels of every width (no padding between the gates' columns).
+            (
+                LstmDims {
+                    steps: 3,
+                    batch: 40,
+                    hidden: 128,
+                },
+                false,
+            ),
         ] {
             let LstmDims {
                 steps,
@@ -656,16 +663,20 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         // Threads split the rows (34 of them), or the units (12 rows).
-        for (dims, reverse) in
-            [(34, 130, false), (34, 130, true), (12, 220, false)].map(|(batch, hidden, reverse)| {
-                let dims = LstmDims {
-                    steps: 3,
-                    batch,
-                    hidden,
-                };
-                (dims, reverse)
-            })
-        {
+        for (dims, reverse) in [
+            (34, 130, false),
+            (34, 130, true),
+            (12, 220, false),
+            (34, 128, false),
+        ]
+        .map(|(batch, hidden, reverse)| {
+            let dims = LstmDims {
+                steps: 3,
+                batch,
+                hidden,
+            };
+            (dims, reverse)
+        }) {
             let LstmDims {
                 steps,
                 batch: b,
