@@ -2,6 +2,7 @@
 //! indices is one fused kernel (log-softmax, NLL, label smoothing and class weights in one pass
 //! forward and one backward).
 
+use nerve_core::kernels::reduce;
 use nerve_core::{no_grad, DType, Error, Float, Result, Tensor};
 
 /// How per-element losses are combined.
@@ -249,16 +250,18 @@ fn fused_ce<T: Float>(
 }
 
 /// The row's maximum `m` and `Σ exp(row - m)`, with `e` (as long as the row) receiving
-/// `exp(row - m)`. Plain loops over slices, so that inside
-/// [`nerve_core::kernels::with_simd`] the exponentials vectorise.
+/// `exp(row - m)`. Vector loops inside [`nerve_core::kernels::with_simd`]: the shift is
+/// [`reduce::max_shift`] and the sum [`reduce::sum`] (16 lanes), where a NaN-propagating
+/// `fold(max)` and a serial `sum()` each made a chain of one dependent operation per element
+/// (the `lstm` workload's loss over 2048 rows of 65 took 0.14 ms forward).
 #[inline(always)]
 fn shifted_exp<T: Float>(row: &[T], e: &mut [T]) -> (T, T) {
     let e = &mut e[..row.len()];
-    let m = row.iter().fold(T::NEG_INFINITY, |a, &b| a.max(b));
+    let m = reduce::max_shift(row);
     for (ek, &v) in e.iter_mut().zip(row) {
         *ek = (v - m).exp();
     }
-    (m, e.iter().copied().sum::<T>())
+    (m, reduce::sum(e))
 }
 
 /// Run `f(first_row, block)` over blocks of `out`, which holds `per_row` values for each of

@@ -27,6 +27,44 @@ fn mlp() -> Result<Sequential> {
 }
 
 #[test]
+fn cross_entropy_wide_rows_and_nan() -> Result<()> {
+    // Rows of 65 classes (four 16-lane vectors and a tail) against the definition in f64;
+    // a NaN logit makes its row's loss NaN wherever it lies, and only that row's.
+    let (n, c) = (6usize, 65usize);
+    let mut x: Vec<f32> = (0..n * c)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.13)
+        .collect();
+    let nan_at = [(1, 0), (3, 40), (5, 64)];
+    for &(r, k) in &nan_at {
+        x[r * c + k] = f32::NAN;
+    }
+    let y: Vec<i64> = (0..n as i64).map(|i| i * 11 % c as i64).collect();
+    let logits = Tensor::from_vec(x.clone(), [n, c])?.requires_grad_(true);
+    let opts = CrossEntropyOptions {
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let l = loss::cross_entropy(&logits, &Tensor::from_vec(y.clone(), [n])?, &opts)?;
+    let got: Vec<f32> = l.to_vec()?;
+    for i in 0..n {
+        let row: Vec<f64> = x[i * c..(i + 1) * c].iter().map(|&v| v as f64).collect();
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = row.iter().map(|v| (v - m).exp()).sum::<f64>().ln() + m;
+        if nan_at.iter().any(|&(r, _)| r == i) {
+            assert!(got[i].is_nan(), "row {i}: {}", got[i]);
+        } else {
+            let want = lse - row[y[i] as usize];
+            assert!(
+                (got[i] as f64 - want).abs() < 1e-5,
+                "row {i}: {} vs {want}",
+                got[i]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn fused_cross_entropy_gradcheck() -> Result<()> {
     manual_seed(1);
     let x = Tensor::randn([5, 4]).to_dtype(DType::F64)?;
