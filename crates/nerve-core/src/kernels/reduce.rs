@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use super::{assume_init_mut, with_simd};
 use crate::dtype::Float;
-use crate::threading::{install, num_threads, par_elemwise_min};
+use crate::threading::{chunk_len, install, num_threads, par_elemwise_min};
 
 const LANES: usize = 16;
 
@@ -170,6 +170,14 @@ pub fn max_shift<T: Float>(x: &[T]) -> T {
     m
 }
 
+/// Rows per parallel chunk of `rows` rows of `row_len` elements: as in the element-wise maps,
+/// at most four chunks per thread of at least half the parallel threshold each, so that work
+/// just above the threshold is split between two threads (chunks of the whole threshold left
+/// 2^18-element tensors in one chunk, on one thread).
+fn par_rows(rows: usize, row_len: usize) -> usize {
+    chunk_len(rows, (par_elemwise_min() / 2 / row_len.max(1)).max(1))
+}
+
 /// Apply `f` to each of `rows` contiguous rows of length `row_len`, in parallel when large.
 #[inline(always)]
 pub fn rows<T: Sync, U: Send>(
@@ -182,7 +190,7 @@ pub fn rows<T: Sync, U: Send>(
         install(|| {
             (0..rows)
                 .into_par_iter()
-                .with_min_len((par_elemwise_min() / row_len.max(1)).max(1))
+                .with_min_len(par_rows(rows, row_len))
                 .map(|r| {
                     with_simd(
                         #[inline(always)]
@@ -217,7 +225,7 @@ pub fn rows_into<T: Sync, U: Send>(
     }
     let n = src.len();
     if n >= par_elemwise_min() && n > row_len && num_threads() > 1 {
-        let rows_per = (par_elemwise_min() / row_len).max(1);
+        let rows_per = par_rows(n / row_len, row_len);
         install(|| {
             out.par_chunks_mut(rows_per * row_len)
                 .zip(src.par_chunks(rows_per * row_len))
@@ -273,7 +281,7 @@ pub fn rows2_into<T: Sync, U: Send>(
         )
     };
     if n >= par_elemwise_min() && n > row_len && num_threads() > 1 {
-        let step = (par_elemwise_min() / row_len).max(1) * row_len;
+        let step = par_rows(n / row_len, row_len) * row_len;
         install(|| {
             out.par_chunks_mut(step)
                 .zip(a.par_chunks(step))
@@ -370,6 +378,53 @@ pub fn log_softmax_row<T: Float>(x: &[T], out: &mut [MaybeUninit<T>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Above the parallel threshold (2049 rows of 129: chunks that do not divide the rows)
+    /// the row maps give the same bits as one serial pass, every row written once.
+    #[test]
+    fn parallel_row_maps_match_serial() {
+        let (rows_n, len) = (2049usize, 129usize);
+        assert!(rows_n * len >= par_elemwise_min());
+        let x: Vec<f32> = super::super::test_data(rows_n * len, 3)
+            .iter()
+            .map(|&v| v as f32 * 4.0)
+            .collect();
+        let g: Vec<f32> = super::super::test_data(rows_n * len, 4)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let mut want = vec![MaybeUninit::<f32>::uninit(); x.len()];
+        for (o, r) in want.chunks_mut(len).zip(x.chunks(len)) {
+            softmax_row(r, o);
+        }
+        // SAFETY: every row was written.
+        let want = unsafe { assume_init_mut(&mut want) }.to_vec();
+        let mut got = vec![MaybeUninit::<f32>::uninit(); x.len()];
+        rows_into(&x, &mut got, len, softmax_row);
+        // SAFETY: rows_into's f writes each row in full.
+        assert_eq!(unsafe { assume_init_mut(&mut got) }, &want[..]);
+        let combine = |g: &[f32], y: &[f32], o: &mut [MaybeUninit<f32>]| {
+            let d = dot(g, y);
+            for ((o, &gi), &yi) in o.iter_mut().zip(g).zip(y) {
+                o.write(yi * (gi - d));
+            }
+        };
+        let mut got2 = vec![MaybeUninit::<f32>::uninit(); x.len()];
+        rows2_into(&g, &want, &mut got2, len, combine);
+        let mut want2 = vec![MaybeUninit::<f32>::uninit(); x.len()];
+        for ((o, gr), yr) in want2
+            .chunks_mut(len)
+            .zip(g.chunks(len))
+            .zip(want.chunks(len))
+        {
+            combine(gr, yr, o);
+        }
+        // SAFETY: both wrote every row in full.
+        unsafe { assert_eq!(assume_init_mut(&mut got2), assume_init_mut(&mut want2)) };
+        let sums = rows(&x, rows_n, len, sum);
+        let serial: Vec<f32> = x.chunks(len).map(sum).collect();
+        assert_eq!(sums, serial);
+    }
 
     /// `max_shift` agrees with `max` without NaNs, and a NaN anywhere in a row (in the vector
     /// part or the remainder) makes the whole softmax / log-softmax row NaN, as PyTorch's.
