@@ -43,6 +43,10 @@ fn main() -> Result<()> {
         let y = x2.conv2d(&w2, Some(&b2), (1, 1), (1, 1), (1, 1), 1)?;
         y.backward_with(&ones2)
     })?;
+    time("maxpool 2x2 forward (28->14)", &|| {
+        nerve_core::no_grad(|| p.max_pool2d((2, 2), (2, 2), (0, 0), (1, 1), false))?;
+        Ok(())
+    })?;
     time("maxpool 2x2 forward+backward (28->14)", &|| {
         let y = p.max_pool2d((2, 2), (2, 2), (0, 0), (1, 1), false)?;
         y.backward_with(&onesp)

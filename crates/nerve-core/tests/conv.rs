@@ -471,6 +471,51 @@ fn gradcheck_adaptive_and_upsample() -> Result<()> {
 }
 
 #[test]
+fn max_pool_2x2_wide_rows_ties_and_nan() -> Result<()> {
+    // Rows of 41 (20 windows: full vectors and a tail, an odd column and row left over),
+    // values from a few levels (ties inside windows) and NaNs, in f32 and f64, against the
+    // definition: the first maximum in row-major window order wins, a NaN wins over
+    // numbers, and a later NaN over an earlier one.
+    let (n, c, h, w) = (2usize, 3usize, 7usize, 41usize);
+    let mut vals: Vec<f64> = (0..n * c * h * w)
+        .map(|i| ((i * 7919 + i / 5) % 4) as f64 - 1.5)
+        .collect();
+    for at in [0usize, 43, 44, 300, 301, 342, 1000, 1721] {
+        vals[at] = f64::NAN;
+    }
+    let (ho, wo) = (h / 2, w / 2);
+    let mut want_v = Vec::new();
+    let mut want_i = Vec::new();
+    for plane in vals.chunks(h * w) {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let mut at = 2 * oy * w + 2 * ox;
+                for pos in [at + 1, at + w, at + w + 1] {
+                    let (v, best) = (plane[pos], plane[at]);
+                    if v > best || v.is_nan() {
+                        at = pos;
+                    }
+                }
+                want_v.push(plane[at]);
+                want_i.push(at as i64);
+            }
+        }
+    }
+    for dtype in [DType::F32, DType::F64] {
+        let x = Tensor::from_vec(vals.clone(), [n, c, h, w])?.to_dtype(dtype)?;
+        let (v, i) = x.max_pool2d_with_indices((2, 2), (2, 2), (0, 0), (1, 1), false)?;
+        assert_eq!(i.to_vec::<i64>()?, want_i, "{dtype:?}");
+        for (k, (got, want)) in v.to_f64_vec().iter().zip(&want_v).enumerate() {
+            assert!(
+                got == want || (got.is_nan() && want.is_nan()),
+                "{dtype:?} output {k}: {got} vs {want}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn large_pool_parallel_paths() -> Result<()> {
     // Enough planes to split the pooling loops over threads; compare with per-plane runs.
     let x = randn(&[8, 16, 12, 12], 190).requires_grad_(true);

@@ -22,6 +22,7 @@
 //! batches run sample by sample with parallel GEMMs. Pooling loops are direct and split over
 //! the `N·C` planes above a work threshold.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -30,7 +31,7 @@ use super::float_dispatch;
 use crate::autograd::no_grad;
 use crate::dtype::{DType, Element, Float};
 use crate::kernels::gemm::{gemm as gemm_raw, GemmFloat};
-use crate::kernels::with_scratch;
+use crate::kernels::{assume_init, uninit_buf, with_scratch, with_simd};
 use crate::threading::{install, num_threads, par_elemwise_min};
 use crate::{Error, Result, Tensor};
 
@@ -868,6 +869,18 @@ fn pool_geom(
     })
 }
 
+impl Pool {
+    /// The common 2×2, stride-2 window with no padding or dilation, every window inside:
+    /// windows that do not overlap, each input element in at most one.
+    fn two_by_two(&self) -> bool {
+        (
+            self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw,
+        ) == (2, 2, 2, 2, 0, 0, 1, 1)
+            && 2 * self.ho <= self.h
+            && 2 * self.wo <= self.w
+    }
+}
+
 /// Max pooling: values and flat (per-plane `h·w`) argmax indices. Padding never wins; NaN
 /// does, as in PyTorch.
 fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
@@ -879,38 +892,30 @@ fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
     let xs: Vec<(usize, usize)> = (0..p.wo)
         .map(|ox| valid_range(p.kw, p.w, p.dw, ox * p.sw, p.pw))
         .collect();
-    let mut out = vec![T::ZERO; p.planes * po];
-    let mut idx = vec![0i64; p.planes * po];
-    // The common 2×2, stride 2 window with no padding or dilation, every window inside.
-    let two_by_two = (p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw) == (2, 2, 2, 2, 0, 0, 1, 1)
-        && 2 * p.ho <= p.h
-        && 2 * p.wo <= p.w;
-    let body = |pl: usize, out: &mut [T], idx: &mut [i64]| {
+    // Written in full below: every output of every plane.
+    let mut out = uninit_buf::<T>(p.planes * po);
+    let mut idx = uninit_buf::<i64>(p.planes * po);
+    let two_by_two = p.two_by_two();
+    let body = |pl: usize, out: &mut [MaybeUninit<T>], idx: &mut [MaybeUninit<i64>]| {
         let xp = &x[pl * hw..(pl + 1) * hw];
         if two_by_two {
-            for oy in 0..p.ho {
-                let (r0, r1) = (2 * oy * p.w, (2 * oy + 1) * p.w);
-                let (top, bottom) = (&xp[r0..r0 + 2 * p.wo], &xp[r1..r1 + 2 * p.wo]);
-                let o = &mut out[oy * p.wo..(oy + 1) * p.wo];
-                let ix = &mut idx[oy * p.wo..(oy + 1) * p.wo];
-                for ox in 0..p.wo {
-                    // Row-major order within the window, the first maximum wins and a NaN
-                    // wins (as PyTorch); selects rather than branches.
-                    let mut best = top[2 * ox];
-                    let mut at = r0 + 2 * ox;
-                    for (v, pos) in [
-                        (top[2 * ox + 1], r0 + 2 * ox + 1),
-                        (bottom[2 * ox], r1 + 2 * ox),
-                        (bottom[2 * ox + 1], r1 + 2 * ox + 1),
-                    ] {
-                        let take = (v > best) | v.is_nan();
-                        best = if take { v } else { best };
-                        at = if take { pos } else { at };
+            let w = p.w as i64;
+            with_simd(
+                #[inline(always)]
+                || {
+                    for oy in 0..p.ho {
+                        let (r0, r1) = (2 * oy * p.w, (2 * oy + 1) * p.w);
+                        max_pool_2x2_row(
+                            &xp[r0..r0 + 2 * p.wo],
+                            &xp[r1..r1 + 2 * p.wo],
+                            r0 as i64,
+                            w,
+                            &mut out[oy * p.wo..(oy + 1) * p.wo],
+                            &mut idx[oy * p.wo..(oy + 1) * p.wo],
+                        )
                     }
-                    o[ox] = best;
-                    ix[ox] = at as i64;
-                }
-            }
+                },
+            );
             return;
         }
         for (oy, &(ylo, yhi)) in ys.iter().enumerate() {
@@ -932,25 +937,55 @@ fn max_pool_fwd<T: Float>(p: &Pool, x: &[T]) -> (Vec<T>, Vec<i64>) {
                         at = if take { iy * p.w + ix } else { at };
                     }
                 }
-                out[oy * p.wo + ox] = best;
-                idx[oy * p.wo + ox] = at as i64;
+                out[oy * p.wo + ox].write(best);
+                idx[oy * p.wo + ox].write(at as i64);
             }
         }
     };
     let work = p.planes * po * p.kh * p.kw;
-    if work >= par_elemwise_min() && num_threads() > 1 {
+    if work >= par_elemwise_min() && num_threads() > 1 && po > 0 {
         install(|| {
             out.par_chunks_mut(po)
                 .zip(idx.par_chunks_mut(po))
                 .enumerate()
                 .for_each(|(pl, (o, i))| body(pl, o, i))
         });
-    } else {
+    } else if po > 0 {
         for (pl, (o, i)) in out.chunks_mut(po).zip(idx.chunks_mut(po)).enumerate() {
             body(pl, o, i);
         }
     }
-    (out, idx)
+    // SAFETY: every plane's outputs and indices were written above (none when po == 0).
+    unsafe { (assume_init(out), assume_init(idx)) }
+}
+
+/// One output row of a 2×2, stride-2 max pool: the windows over input rows `top` and
+/// `bottom` (`2·o.len()` values each; `top` starts at flat index `r0` of its plane, rows `w`
+/// apart). Row-major order within the window, the first maximum wins and a NaN wins (as
+/// PyTorch); selects rather than branches over whole pairs of columns, so that under
+/// [`with_simd`] the loop vectorises (the scalar loop took 8% of the `cnn` step).
+#[inline(always)]
+fn max_pool_2x2_row<T: Float>(
+    top: &[T],
+    bottom: &[T],
+    r0: i64,
+    w: i64,
+    o: &mut [MaybeUninit<T>],
+    ix: &mut [MaybeUninit<i64>],
+) {
+    let n = o.len();
+    let (top, bottom, ix) = (&top[..2 * n], &bottom[..2 * n], &mut ix[..n]);
+    for j in 0..n {
+        let (a, b, c, d) = (top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]);
+        let (mut best, mut at) = (a, 0i64);
+        for (v, off) in [(b, 1), (c, w), (d, w + 1)] {
+            let take = (v > best) | v.is_nan();
+            best = if take { v } else { best };
+            at = if take { off } else { at };
+        }
+        o[j].write(best);
+        ix[j].write(r0 + 2 * j as i64 + at);
+    }
 }
 
 /// Max pooling backward: each output gradient goes to its argmax.
