@@ -166,6 +166,31 @@ fn conv2d_matches_reference() -> Result<()> {
         (vec![4, 4, 6, 6], vec![4, 1, 3, 3], true, cfg(1, 1, 1, 4)),
         // Batch large enough for the batch-parallel path.
         (vec![17, 3, 10, 10], vec![5, 3, 3, 3], true, cfg(1, 1, 1, 1)),
+        // Output rows as long as the input's at stride 1 (im2col's one-copy path): with
+        // dilation, with fewer output rows than input rows, with a wide kernel.
+        (vec![2, 3, 7, 9], vec![4, 3, 3, 3], true, cfg(1, 2, 2, 1)),
+        (
+            vec![2, 2, 6, 8],
+            vec![3, 2, 5, 3],
+            false,
+            Cfg {
+                stride: (1, 1),
+                padding: (1, 1),
+                dilation: (1, 1),
+                groups: 1,
+            },
+        ),
+        (
+            vec![1, 2, 5, 6],
+            vec![2, 2, 3, 5],
+            true,
+            Cfg {
+                stride: (1, 1),
+                padding: (0, 2),
+                dilation: (1, 1),
+                groups: 1,
+            },
+        ),
     ];
     for (i, (xd, wd, with_bias, c)) in cases.into_iter().enumerate() {
         let x = randn(&xd, 10 + i as u64);
