@@ -251,25 +251,14 @@ fn forward_with<T: GemmFloat>(
         SendPtr(out.as_mut_ptr().cast::<T>()),
     );
     if let Plan::Tiled(tiles) = plan {
-        let it = tiled::Item {
-            l,
-            s,
-            e,
-            ev,
-            scale,
-            causal,
-        };
+        let it = tiled::Item::new(dims, scale, causal);
         for_items(dims, plan, |i, _| {
             let o = tiled::RowsMut {
                 // SAFETY: item i's block of out starts there (the output layout tiles it).
                 ptr: unsafe { po.get().add(lo.base(i)) },
                 stride: lo.row_stride,
             };
-            let (qi, ki, vi) = (
-                rows_of((q, lq), i),
-                rows_of((k, lk), i),
-                rows_of((v, lv), i),
-            );
+            let [qi, ki, vi] = [(q, lq), (k, lk), (v, lv)].map(|op| rows_of(op, i));
             // SAFETY: the layouts were checked to fit their storage; item i's blocks of p
             // and out are written by this task only.
             unsafe { tiled::forward(tiles, it, qi, ki, vi, pp.get().add(i * l * s), o) };
@@ -398,14 +387,7 @@ fn backward_with<T: GemmFloat>(
     let mut grads = uninit_buf::<T>(len);
     let pg = SendPtr(grads.as_mut_ptr().cast::<T>());
     if let Plan::Tiled(tiles) = plan {
-        let it = tiled::Item {
-            l,
-            s,
-            e,
-            ev,
-            scale,
-            causal,
-        };
+        let it = tiled::Item::new(dims, scale, causal);
         for_items(dims, plan, |i, _| {
             let out = |lay: AttnLayout| tiled::RowsMut {
                 // SAFETY: item i's block of a gradient starts there (its layout tiles the
@@ -413,11 +395,7 @@ fn backward_with<T: GemmFloat>(
                 ptr: unsafe { pg.get().add(lay.base(i)) },
                 stride: lay.row_stride,
             };
-            let (qi, ki, vi) = (
-                rows_of((q, lq), i),
-                rows_of((k, lk), i),
-                rows_of((v, lv), i),
-            );
+            let [qi, ki, vi] = [(q, lq), (k, lk), (v, lv)].map(|op| rows_of(op, i));
             let gi = rows_of((g, lo), i);
             // SAFETY: the layouts were checked to fit their storage and p, g their sizes;
             // item i's blocks of the gradients are written by this task only.

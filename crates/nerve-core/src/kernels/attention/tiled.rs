@@ -92,6 +92,19 @@ pub(super) struct Item<T> {
 }
 
 impl<T> Item<T> {
+    /// One item of an attention call with sizes `dims`.
+    pub fn new(dims: super::AttnDims, scale: T, causal: bool) -> Self {
+        let super::AttnDims { l, s, e, ev, .. } = dims;
+        Item {
+            l,
+            s,
+            e,
+            ev,
+            scale,
+            causal,
+        }
+    }
+
     /// Keys that rows `r0..r0 + rows` see (the rest of their scores are zero probabilities).
     fn live(&self, r0: usize, rows: usize) -> usize {
         if self.causal {
