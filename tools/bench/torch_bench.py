@@ -24,6 +24,10 @@ EW_N = 1 << 24
 # --compile: these workloads' models go through torch.compile (inductor), impl=pytorch-compile.
 COMPILE = False
 COMPILABLE = {"mlp", "cnn", "gpt", "vit", "lstm", "mamba"}
+# --bf16-autocast: the training workloads under torch.autocast("cpu", torch.bfloat16),
+# impl=pytorch-bf16-autocast. Not a workload of the spec (all are f32): it shows what a lower
+# precision buys PyTorch on this machine.
+AUTOCAST = False
 
 
 def fwd(model):
@@ -335,7 +339,8 @@ WORKLOADS = [
 
 def run(name, unit, work, setup, trains, min_secs, report_rss):
     step = setup()
-    with torch.set_grad_enabled(trains):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST and trains)
+    with torch.set_grad_enabled(trains), autocast:
         for _ in range(3):
             step()
         times = []
@@ -348,6 +353,8 @@ def run(name, unit, work, setup, trains, min_secs, report_rss):
     # ru_maxrss is in KiB on Linux.
     rss = f" peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}" if report_rss else ""
     impl = "pytorch-compile" if COMPILE else "pytorch"
+    if AUTOCAST and trains:
+        impl += "-bf16-autocast"
     print(f"workload={name} impl={impl} step_ms={med * 1e3:.3f} "
           f"throughput={work / med:.2f} unit={unit}{rss}", flush=True)
 
@@ -361,10 +368,12 @@ def main():
                    help="run the workloads in this process (no peak_rss_mb)")
     p.add_argument("--compile", action="store_true",
                    help="the small training workloads only, their models through torch.compile (impl=pytorch-compile)")
+    p.add_argument("--bf16-autocast", action="store_true",
+                   help="training workloads under torch.autocast(cpu, bfloat16) (impl=pytorch-bf16-autocast; not f32)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: this workload, with its peak
     args = p.parse_args()
-    global COMPILE
-    COMPILE = args.compile
+    global COMPILE, AUTOCAST
+    COMPILE, AUTOCAST = args.compile, args.bf16_autocast
     known = [w[0] for w in WORKLOADS]
     for name in args.workloads:
         if name not in known:
@@ -387,6 +396,8 @@ def main():
                  "--min-secs", str(args.min_secs), "--threads", str(args.threads)]
         if args.compile:
             child.append("--compile")
+        if args.bf16_autocast:
+            child.append("--bf16-autocast")
         if subprocess.run(child).returncode != 0:
             sys.exit(f"error: workload {name} failed")
 

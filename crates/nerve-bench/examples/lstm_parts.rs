@@ -58,6 +58,14 @@ fn main() -> Result<()> {
         da.t()?.matmul(&xs)?;
         Ok(())
     })?;
+    let xh = Tensor::randn([t * b, e + hs]);
+    time(
+        "GEMM daᵀ·[x | h_prev] (both dW, as the layer)",
+        &mut || {
+            da.t()?.matmul(&xh)?;
+            Ok(())
+        },
+    )?;
     time("GEMM da·W_ih (dx)", &mut || {
         da.matmul(&w_ih)?;
         Ok(())

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod gemm;
 pub mod norm;
+pub mod peak;
 pub mod quant;
 pub mod reduce;
 pub mod rnn;
