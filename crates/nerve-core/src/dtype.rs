@@ -176,6 +176,8 @@ pub trait Float:
     fn tanh(self) -> Self;
     /// error function
     fn erf(self) -> Self;
+    /// derivative of the GELU (erf form), `Φ(x) + x·φ(x)`
+    fn gelu_grad(self) -> Self;
     /// square root
     fn sqrt(self) -> Self;
     /// sine
@@ -219,6 +221,10 @@ impl Float for f32 {
     #[inline(always)]
     fn erf(self) -> Self {
         crate::kernels::vmath::erf(self)
+    }
+    #[inline(always)]
+    fn gelu_grad(self) -> Self {
+        crate::kernels::vmath::gelu_grad(self)
     }
     #[inline(always)]
     fn sqrt(self) -> Self {
@@ -288,6 +294,12 @@ impl Float for f64 {
     #[inline(always)]
     fn erf(self) -> Self {
         erf_f64(self)
+    }
+    #[inline(always)]
+    fn gelu_grad(self) -> Self {
+        let cdf = 0.5 * (1.0 + erf_f64(self * std::f64::consts::FRAC_1_SQRT_2));
+        // 1/√(2π)
+        cdf + self * 0.398_942_280_401_432_7 * (-0.5 * self * self).exp()
     }
     #[inline(always)]
     fn sqrt(self) -> Self {

@@ -148,8 +148,37 @@ pub fn sigmoid(x: f32) -> f32 {
 /// Error function.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    // Beyond |x| = 4, erf rounds to ±1 in f32.
-    let a = x.abs().min(4.0);
+    erf_parts(x, exp(-(x * x))).0
+}
+
+/// The GELU's derivative `Φ(x) + x·φ(x)` (`Φ` the standard normal distribution function,
+/// `φ` its density) with `e^(-x²/2)` computed once: `Φ` needs it for its tail and `φ` is
+/// it, scaled (the GELU backward ran two exponentials per element before: the one inside
+/// `erf` and the density's). Below x = -1.27, `Φ(x)` is taken as `erfc(|x|/√2)/2` from the
+/// same tail term rather than `(1 + erf)/2`, which rounds to 0 from x ≈ -5.7 on.
+#[inline(always)]
+pub fn gelu_grad(x: f32) -> f32 {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    // e^(-z²) from x itself: one rounding fewer in the exponent than squaring z.
+    let e = exp(-0.5 * x * x);
+    let (erf, tail) = erf_parts(z, e);
+    let cdf = if z <= -0.9 {
+        0.5 * tail
+    } else {
+        0.5f32.mul_add(erf, 0.5)
+    };
+    // 1/√(2π)
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_28;
+    cdf + x * FRAC_1_SQRT_2PI * e
+}
+
+/// `erf(x)` and, for |x| ≥ 0.9, the tail term `erfc(|x|) = e·R(1/|x|)` (within 3·10⁻⁷
+/// relative up to |x| = 4 and 10⁻³ beyond, where it is below 10⁻⁸) from `e = e^(-x²)`,
+/// computed by the caller. For |x| ≥ 4 `erf` is ±1 in f32 (the tail is below half an ulp of
+/// 1), as it stays for larger |x| where `e` is 0.
+#[inline(always)]
+fn erf_parts(x: f32, e: f32) -> (f32, f32) {
+    let a = x.abs();
     // |x| < 0.9: erf(x) = x P(x²).
     let z = a * a;
     let small = a * horner(
@@ -178,14 +207,9 @@ pub fn erf(x: f32) -> f32 {
             3.423_231_7e-4,
         ],
     );
-    let big = (-exp(-z)).mul_add(r, 1.0);
-    let v = if a < 0.9 { small } else { big };
+    let v = if a < 0.9 { small } else { (-e).mul_add(r, 1.0) };
     let v = f32::from_bits(v.to_bits() | (x.to_bits() & 0x8000_0000));
-    if x.is_nan() {
-        x
-    } else {
-        v
-    }
+    (if x.is_nan() { x } else { v }, e * r)
 }
 
 #[cfg(test)]
@@ -265,5 +289,40 @@ mod tests {
         assert_eq!(sigmoid(-200.0), 0.0);
         assert_eq!(sigmoid(200.0), 1.0);
         assert!(tanh(f32::NAN).is_nan() && erf(f32::NAN).is_nan() && sigmoid(f32::NAN).is_nan());
+        // The GELU's derivative Φ(x) + x·φ(x): a sum of two terms of opposite signs for x < 0
+        // (zero near -0.75), so checked against f64 within 4 ulp of the result plus 4 ulp of
+        // the larger term (erf's bound), and x² ulp more in the tail (the exponential of -x²/2 carries the
+        // rounding of x² times x², in any f32 implementation); and at the special
+        // values as PyTorch's gelu_backward (NaN at ±inf: 1 + ∞·0).
+        for i in 0..=400_000 {
+            let x = -20.0 + i as f32 * 1e-4;
+            let xd = x as f64;
+            let phi = (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let cdf = if xd < -3.0 {
+                // (1 + erf)/2 cancels to nothing in f64 too below x ≈ -8: erfc's continued
+                // fraction, e^(-z²)/√π · 1/(z + (1/2)/(z + 1/(z + (3/2)/(z + …)))).
+                let z = -xd / std::f64::consts::SQRT_2;
+                let k = (1..200)
+                    .rev()
+                    .fold(0.0, |acc, n| (n as f64 / 2.0) / (z + acc));
+                0.5 * (-z * z).exp() / std::f64::consts::PI.sqrt() / (z + k)
+            } else {
+                0.5 * (1.0 + crate::dtype::erf_f64(xd / std::f64::consts::SQRT_2))
+            };
+            let want = cdf + xd * phi;
+            let scale = cdf.max((xd * phi).abs());
+            // (plus the smallest normal f32: below it the result rounds to subnormals or 0)
+            let tol = (4.0 + xd * xd) * want.abs() * f32::EPSILON as f64
+                + 4.0 * scale * f32::EPSILON as f64
+                + f32::MIN_POSITIVE as f64;
+            let got = gelu_grad(x) as f64;
+            assert!(
+                (got - want).abs() <= tol,
+                "gelu_grad({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(gelu_grad(0.0), 0.5);
+        assert!(gelu_grad(f32::NAN).is_nan());
+        assert!(gelu_grad(f32::INFINITY).is_nan() && gelu_grad(f32::NEG_INFINITY).is_nan());
     }
 }

@@ -51,7 +51,6 @@ macro_rules! unary_fn {
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
-const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 #[inline(always)]
 fn sigmoid<T: Float>(x: T) -> T {
@@ -200,10 +199,7 @@ unary_fn!(
     Cost::Transcendental,
     Input,
     |self, x| T::from_f64(0.5) * x * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf()),
-    |self, x, y| {
-        let cdf = T::from_f64(0.5) * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf());
-        cdf + x * T::from_f64(FRAC_1_SQRT_2PI) * (T::from_f64(-0.5) * x * x).exp()
-    }
+    |self, x, y| x.gelu_grad()
 );
 unary_fn!(
     GeluTanh {},
