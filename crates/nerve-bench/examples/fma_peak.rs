@@ -1,5 +1,5 @@
 //! The machine's f32 fused multiply-add peak, one thread and every thread at once, and the
-//! shortest step each GEMM-bound training workload could reach at that peak:
+//! shortest `lstm` training step its GEMMs alone allow at that peak:
 //! `cargo run --release -p nerve-bench --example fma_peak`.
 
 use nerve_core::kernels::peak::fma_gflops;
